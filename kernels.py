@@ -35,21 +35,24 @@ POISON = False  # tests set it: outputs start as NaN, so an element a kernel for
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, initial_state=None):
-    """mamba_ssm's selective_scan_ref, one (b, di, n) state at a time: nothing of size (b, di, n, l)."""
+    """mamba_ssm's selective_scan_ref: float32, a plain loop over time. Like it, it materializes the
+    per-step decays and inputs, and the states, as (l, b, di, n) tensors: simple, not frugal."""
     dtype, (b, di, L), g = u.dtype, u.shape, B.shape[1]
     u, delta = u.float(), delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
+    B = B.float().repeat_interleave(di // g, dim=1)  # (b, di, n, l): channel d reads group d // (di / g)
+    C = C.float().repeat_interleave(di // g, dim=1)
+    decay = torch.exp(torch.einsum("bdl,dn->lbdn", delta, A.float()))  # exp(Delta_t A)   (l, b, di, n)
+    inp = torch.einsum("bdl,bdnl->lbdn", delta * u, B)  # Delta_t B_t u_t                  (l, b, di, n)
     h = initial_state.float() if initial_state is not None else u.new_zeros(b, di, A.shape[1])  # (b, di, n)
-    ys = []
-    for t in range(L):
-        B_t = B[..., t].float().repeat_interleave(di // g, dim=1)  # (b, di, n): channel d reads group d // (di/g)
-        C_t = C[..., t].float().repeat_interleave(di // g, dim=1)
-        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B_t
-        ys.append((h * C_t).sum(-1))  # (b, di)
-    y = torch.stack(ys, dim=-1)  # (b, di, l)
+    hs = []
+    for decay_t, inp_t in zip(decay, inp):  # over time
+        h = decay_t * h + inp_t
+        hs.append(h)
+    y = torch.einsum("lbdn,bdnl->bdl", torch.stack(hs), C)  # y_t = C_t . h_t             (b, di, l)
     if D is not None:
         y = y + D.float()[:, None] * u
     if z is not None:

@@ -1,0 +1,348 @@
+"""
+Distill a tiny Llama into Mamba/attention hybrids on Shakespeare (The Mamba in the Llama, §3).
+
+    python distill.py              stage 0: train the teacher; stage 1: distill it stepwise into the
+                                   50%, 25%, 12.5% attention hybrids (MLPs frozen); stage 2: fine-tune
+                                   each end to end; the speculative-decoding draft; evaluate them all
+    python distill.py --ablate     the paper's ablations, as markdown tables
+
+Finished stages are skipped on a rerun; an interrupted stage resumes from its last checkpoint.
+Checkpoints live in out/<preset>/. Every setting below is overridable as --key=value.
+"""
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import kernels
+import mil
+
+# the presets: cpu finishes the whole pipeline in minutes on 2 cores; gpu is sized for one H200
+PRESETS = {
+    "cpu": dict(n_layer=8, d_model=64, n_head=4, n_kv_head=2, block_size=64, batch_size=16,
+                teacher_steps=800, eval_every=100, lr=3e-3, distill_steps=100, distill_lr=2e-3,
+                ft_steps=40, draft_steps=100, ablate_steps=40, eval_windows=64),
+    "gpu": dict(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, batch_size=64,
+                teacher_steps=1500, eval_every=100, lr=2e-3, distill_steps=400, distill_lr=1e-3,
+                ft_steps=150, draft_steps=400, ablate_steps=200, eval_windows=236),
+}
+DEFAULTS = dict(
+    preset="auto",  # cpu | gpu | auto (gpu when CUDA is available)
+    device="auto",  # cpu | cuda | auto
+    scan="auto",  # selective scan: auto (Triton on GPU) | triton | ref
+    out_dir="",  # default: out/<preset>
+    seed=1337,
+    **PRESETS["cpu"],
+    warmup=50,
+    min_lr_ratio=0.1,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    log_every=50,
+    ckpt_every=100,  # resume checkpoint every N steps
+    stop_after=0,  # stop a stage after N steps of this run, as if killed (a rerun resumes); 0: never
+    attn_fractions="0.5,0.25,0.125",  # stepwise: each student starts from the previous one (§3)
+    alpha=1.0,  # Eq. 2: alpha * CE(targets) + beta * KL(teacher || student)
+    beta=0.1,
+    targets="corpus",  # corpus | teacher (pseudo-labels: the paper's sequence-level distillation)
+    pseudo_sequences=512,  # how many teacher generations to sample (once, cached) for targets=teacher
+    finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
+    ablate=False,
+)
+
+
+# -----------------------------------------------------------------------------------------------
+# Data
+
+
+class Data:
+    """Random training windows from the training works; fixed, non-overlapping validation windows."""
+
+    def __init__(self, device, block_size):
+        tok = mil.Tokenizer()
+        train, val = mil.load_works()
+        self.tok, self.device, self.block_size = tok, device, block_size
+        self.train = torch.from_numpy(mil.encode_works(tok, train).astype("int64"))
+        self.val = torch.from_numpy(mil.encode_works(tok, val).astype("int64"))
+
+    def batch(self, batch_size, gen, tokens=None):  # (b, l) inputs and next-token targets
+        tokens = self.train if tokens is None else tokens
+        i = torch.randint(len(tokens) - self.block_size - 1, (batch_size,), generator=gen)
+        w = torch.stack([tokens[j:j + self.block_size + 1] for j in i.tolist()]).to(self.device)
+        return w[:, :-1], w[:, 1:]
+
+    def val_windows(self, length, count):  # (count, length + 1), evenly spread over the held-out works
+        starts = torch.linspace(0, len(self.val) - length - 1, count).long().tolist()
+        return torch.stack([self.val[s:s + length + 1] for s in starts]).to(self.device)
+
+
+# -----------------------------------------------------------------------------------------------
+# One training loop for every stage: AdamW, warmup then cosine, clipping, bf16 on GPU, resumable
+
+
+def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None):
+    """Trains `params` of `model` for `steps`, resuming from out_dir/name.resume.pt if present.
+    loss_fn(model, gen) -> loss. With eval_fn, keeps the best-validation weights. Returns the log."""
+    path = os.path.join(cfg["out_dir"], name + ".resume.pt")
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg["weight_decay"])
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    state = dict(step=0, log=[], best_val=math.inf, best_step=0, best_model=None)
+    if os.path.exists(path):
+        ckpt = torch.load(path, map_location=data.device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["gen"])
+        state = ckpt["state"]
+        print(f"{name}: resuming at step {state['step']} from {path}")
+
+    def checkpoint():
+        mil.save_checkpoint(path, model=model.state_dict(), optimizer=opt.state_dict(), gen=gen.get_state(), state=state)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if data.device.type == "cuda" else nullcontext()
+    warmup, min_lr = min(cfg["warmup"], steps // 10), lr * cfg["min_lr_ratio"]
+    model.train()
+    bar = tqdm(range(state["step"], steps), desc=name, initial=state["step"], total=steps, leave=False)
+    t0, ran = time.time(), 0
+    for step in bar:
+        if eval_fn and step % cfg["eval_every"] == 0:
+            val = eval_fn(model)
+            if val < state["best_val"]:
+                state.update(best_val=val, best_step=step, best_model={k: v.clone() for k, v in model.state_dict().items()})
+            model.train()
+        # warmup then cosine decay to min_lr
+        frac = (step - warmup) / max(1, steps - warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr * (step + 1) / warmup if step < warmup else min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
+        with autocast:
+            loss = loss_fn(model, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        opt.step()
+        state["step"], ran = step + 1, ran + 1
+        state["log"].append(loss.item())
+        if (step + 1) % cfg["log_every"] == 0 or step + 1 == steps:
+            dt = (time.time() - t0) / ran
+            tqdm.write(f"{name} step {step + 1}/{steps}: loss {loss.item():.4f}, {dt * 1000:.0f} ms/step, "
+                       f"{cfg['batch_size'] * cfg['block_size'] / dt:,.0f} tokens/s")
+        if (step + 1) % cfg["ckpt_every"] == 0 or ran == cfg["stop_after"]:
+            checkpoint()
+        if ran == cfg["stop_after"] and step + 1 < steps:
+            print(f"{name}: stopped after {ran} steps (--stop_after); rerun to resume")
+            sys.exit(0)
+    if os.path.exists(path):
+        os.remove(path)  # the stage is done: its final checkpoint is the caller's
+    if eval_fn:
+        val = eval_fn(model)
+        if val < state["best_val"]:
+            state.update(best_val=val, best_step=steps, best_model=None)
+        if state["best_model"] is not None:
+            model.load_state_dict(state["best_model"])
+        print(f"{name}: best validation loss {state['best_val']:.4f} at step {state['best_step']} of {steps}"
+              + (" (still falling: raise the step count)" if state["best_step"] == steps else ""))
+    return state
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, windows, teacher=None, batch=8):
+    """Mean next-token loss on validation windows (b, l+1); with a teacher, also top-1 agreement."""
+    model.eval()
+    total, agree, n = 0.0, 0, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if windows.is_cuda else nullcontext()
+    for w in windows.split(batch):
+        with autocast:
+            logits, _ = model(w[:, :-1])
+            if teacher is not None:
+                agree += (logits.argmax(-1) == teacher(w[:, :-1])[0].argmax(-1)).sum().item()
+        total += F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum").item()
+        n += w[:, 1:].numel()
+    return total / n, agree / n
+
+
+@torch.no_grad()
+def decode_speed(model, data, new_tokens=48):
+    """Greedy sample from a fixed validation prompt; returns (text, tokens/s)."""
+    prompt = data.val[1000:1016][None].to(data.device)
+    mil.generate(model, prompt, 4, temperature=0)  # warm-up
+    if data.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    out = mil.generate(model, prompt, new_tokens, temperature=0)
+    if data.device.type == "cuda":
+        torch.cuda.synchronize()
+    return data.tok.decode(out[0, 16:].tolist()), new_tokens / (time.time() - t0)
+
+
+def results_table(rows):
+    head = "| model | attention layers | val loss | perplexity | ppl / teacher | top-1 agreement | decode tokens/s | greedy sample |"
+    lines = [head, "|" + " --- |" * 8]
+    for r in rows:
+        sample = r["sample"].replace("\n", " / ").replace("|", "/")[:60]
+        lines.append(f"| {r['name']} | {r['layers']} | {r['loss']:.4f} | {r['ppl']:.2f} | {r['ratio']:.3f} | "
+                     f"{r['agree']:.3f} | {r['tps']:.0f} | {sample} |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------
+# The stages
+
+
+def distill_loss(student, teacher, data, cfg, pool=None, alpha=None, beta=None):
+    """Eq. 2, per token: alpha * CE(student, targets) + beta * KL(p_teacher || p_student)."""
+    alpha = cfg["alpha"] if alpha is None else alpha
+    beta = cfg["beta"] if beta is None else beta
+
+    def loss_fn(model, gen):
+        x, y = data.batch(cfg["batch_size"], gen, pool)
+        with torch.no_grad():
+            t_logits, _ = teacher(x)
+        s_logits, ce = model(x, y)
+        kl = F.kl_div(F.log_softmax(s_logits.flatten(0, 1).float(), -1), F.log_softmax(t_logits.flatten(0, 1).float(), -1),
+                      log_target=True, reduction="batchmean")
+        return alpha * ce + beta * kl
+
+    return loss_fn
+
+
+def trainable(model, which):
+    """which: mamba (stage 1: only the Mamba layers train; MLPs, norms, embeddings frozen) | all."""
+    for name, p in model.named_parameters():
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        p.requires_grad_(which == "all" or (layer is not None and layer not in model.cfg.attn_layers and ".mixer." in name))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def teacher_stage(cfg, data, mcfg):
+    path = os.path.join(cfg["out_dir"], "teacher.pt")
+    if os.path.exists(path):
+        return mil.load_model(path, expect=mcfg, device=data.device)[0]
+    torch.manual_seed(cfg["seed"])
+    model = mil.Model(mcfg).to(data.device)
+    print(f"stage 0: training the teacher, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    windows = data.val_windows(cfg["block_size"], cfg["eval_windows"])
+
+    def loss_fn(m, gen):
+        return m(*data.batch(cfg["batch_size"], gen))[1]
+
+    t0 = time.time()
+    state = train("teacher", model, cfg, data, cfg["teacher_steps"], cfg["lr"], loss_fn,
+                          list(model.parameters()), eval_fn=lambda m: evaluate(m, windows)[0])
+    mil.save_checkpoint(path, model=model.state_dict(), config=mcfg.to_dict(), run=cfg,
+                        best_val=state["best_val"], best_step=state["best_step"], seconds=time.time() - t0)
+    return model
+
+
+def student_stage(cfg, data, teacher, name, attn_layers, prev=None, init="attention", freeze="mamba", steps=None,
+                  pool=None, conv_init=None, alpha=None, beta=None, save=True):
+    """Stage 1 (freeze="mamba") or an ablation run: a hybrid from the teacher (and the previous
+    student, stepwise), distilled with Eq. 2."""
+    path = os.path.join(cfg["out_dir"], name + ".pt")
+    if save and os.path.exists(path):
+        return mil.load_model(path, device=data.device)[0]
+    torch.manual_seed(cfg["seed"])
+    model = mil.hybrid_from_teacher(teacher, attn_layers, init=init, student=prev, conv_init=conv_init)
+    params = trainable(model, freeze)
+    train(name, model, cfg, data, steps or cfg["distill_steps"], cfg["distill_lr"],
+          distill_loss(model, teacher, data, cfg, pool, alpha, beta), params)
+    if save:
+        mil.save_checkpoint(path, model=model.state_dict(), config=model.cfg.to_dict(), run=cfg)
+    return model
+
+
+def finetune_stage(cfg, data, teacher, student, name):
+    """Stage 2: every parameter trains, same loss (the paper's end-to-end stage)."""
+    path = os.path.join(cfg["out_dir"], name + ".pt")
+    if os.path.exists(path):
+        return mil.load_model(path, device=data.device)[0]
+    model = mil.Model(student.cfg).to(data.device)
+    model.load_state_dict(student.state_dict())
+    train(name, model, cfg, data, cfg["ft_steps"], cfg["distill_lr"] / 3, distill_loss(model, teacher, data, cfg),
+          trainable(model, "all"))
+    mil.save_checkpoint(path, model=model.state_dict(), config=model.cfg.to_dict(), run=cfg)
+    return model
+
+
+def pseudo_labels(cfg, data, teacher):
+    """The paper's targets: teacher generations (temperature 1) from 16-token corpus prompts, sampled
+    once and cached in out_dir/pseudo.pt."""
+    path = os.path.join(cfg["out_dir"], "pseudo.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    dev_gen = torch.Generator(device=data.device).manual_seed(cfg["seed"] + 1)
+    seqs = []
+    for _ in tqdm(range(0, cfg["pseudo_sequences"], 64), desc="pseudo-labels", leave=False):
+        prompt, _ = data.batch(64, gen)
+        seqs.append(mil.generate(teacher, prompt[:, :16], cfg["block_size"] - 15, temperature=1.0, generator=dev_gen).cpu())
+    pool = torch.cat(seqs).flatten()  # one stream; windows are drawn from it as from the corpus
+    mil.atomic_write(lambda f: torch.save(pool, f), path)
+    return pool
+
+
+def resolve(argv):
+    """Options: the preset's values are the defaults; --key=value overrides them."""
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "auto")
+    if preset == "auto":
+        preset = "gpu" if torch.cuda.is_available() else "cpu"
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset takes {', '.join(PRESETS)} or auto; got {preset!r}")
+    cfg = mil.parse_options({**DEFAULTS, **PRESETS[preset], "preset": preset}, argv, __doc__)
+    cfg["preset"] = preset
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join(mil.HERE, "out", preset)
+    if cfg["targets"] not in ("corpus", "teacher"):
+        raise SystemExit(f"--targets takes corpus or teacher; got {cfg['targets']!r}")
+    kernels.BACKEND = cfg["scan"]
+    kernels.use_triton(torch.device(cfg["device"]))  # validates --scan and says which path runs
+    return cfg
+
+
+def model_config(cfg):
+    return mil.Config(n_layer=cfg["n_layer"], d_model=cfg["d_model"], n_head=cfg["n_head"],
+                      n_kv_head=cfg["n_kv_head"], block_size=cfg["block_size"])
+
+
+def main(argv=None):
+    cfg = resolve(sys.argv[1:] if argv is None else argv)
+    torch.manual_seed(cfg["seed"])
+    data = Data(torch.device(cfg["device"]), cfg["block_size"])
+    t_start = time.time()
+    print(f"preset {cfg['preset']} on {cfg['device']}; checkpoints in {cfg['out_dir']}")
+    teacher = teacher_stage(cfg, data, model_config(cfg))
+    teacher.requires_grad_(False)
+    fractions = [float(f) for f in cfg["attn_fractions"].split(",")]
+    pool = pseudo_labels(cfg, data, teacher) if cfg["targets"] == "teacher" else None
+    students, prev = [], None
+    for frac in fractions:
+        name = f"attn{int(frac * 100)}"
+        prev = student_stage(cfg, data, teacher, name, mil.kept_attention(cfg["n_layer"], frac), prev, pool=pool)
+        students.append((name, prev))
+        if cfg["finetune"]:
+            students.append((name + "_ft", finetune_stage(cfg, data, teacher, prev, name + "_ft")))
+    print(f"pipeline trained in {time.time() - t_start:.0f}s; evaluating")
+    windows = data.val_windows(cfg["block_size"], cfg["eval_windows"])
+    rows, t_loss = [], None
+    for name, model in [("teacher", teacher)] + students:
+        loss, agree = evaluate(model, windows, None if model is teacher else teacher)
+        t_loss = loss if t_loss is None else t_loss
+        text, tps = decode_speed(model, data)
+        rows.append(dict(name=name, layers=",".join(map(str, model.cfg.attn_layers)) or "none", loss=loss,
+                         ppl=math.exp(loss), ratio=math.exp(loss - t_loss), agree=1.0 if model is teacher else agree,
+                         tps=tps, sample=text))
+    table = results_table(rows)
+    print(table)
+    mil.atomic_write(lambda f: f.write(table.encode() + b"\n"), os.path.join(cfg["out_dir"], "results.md"))
+    print(f"total {time.time() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

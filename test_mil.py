@@ -1,0 +1,323 @@
+"""Tests: every fast path against its readable reference, and the behaviour a user sees.
+
+    python -m pytest -q test_mil.py
+
+Without a GPU the Triton kernels run in Triton's interpreter (a small tier of cases); on a GPU the
+full parametrized product runs compiled.
+"""
+import itertools
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must be set before triton is first imported (kernels imports it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch.nn.functional as F
+
+import distill
+import kernels
+import mil
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+TOL = {torch.float32: dict(rtol=6e-4, atol=2e-3), torch.float16: dict(rtol=3e-3, atol=5e-3),  # mamba_ssm's
+       torch.bfloat16: dict(rtol=3e-2, atol=5e-2)}
+GRAD_TOL = {torch.float32: dict(rtol=1e-3, atol=5e-3), torch.float16: dict(rtol=1e-2, atol=2e-2),
+            torch.bfloat16: dict(rtol=6e-2, atol=1e-1)}
+
+
+@pytest.fixture(autouse=True)
+def seeded_reference_backend():
+    torch.manual_seed(0)
+    kernels.BACKEND = "ref"  # model tests use the readable scan; kernel tests call the kernels directly
+    yield
+    kernels.BACKEND = "auto"
+
+
+def small_config(**kw):
+    return mil.Config(**{**dict(n_layer=4, d_model=32, n_head=4, n_kv_head=2, block_size=32), **kw})
+
+
+def trained_looking(model):  # random weights of a trained scale, so that errors cannot hide in tiny values
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3 / math.sqrt(p.shape[1]) * 3)
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# Algorithm 1: the identity behind attention-initialized Mamba (the first test a reader meets)
+
+
+def test_mamba_from_attention_is_linear_attention():
+    """With Delta = 1 passed directly, A = 0, D = 0, no conv, no gate, a Mamba layer made from an
+    attention layer computes causal linear attention of that layer's own pre-RoPE projections:
+    y_t = sum_{s<=t} (q_t . k_s) v_s per query head (KV heads repeated as in GQA), then o_proj."""
+    cfg = small_config(n_layer=1, attn_layers=(0,))
+    teacher = trained_looking(mil.Model(cfg))
+    attn = teacher.layers[0].mixer
+    mixer = mil.hybrid_from_teacher(teacher, attn_layers=()).layers[0].mixer
+    o = torch.randn(2, 24, cfg.d_model)
+    x, B, C = mixer.project(o)  # (b, di, l), (b, h, n, l), (b, h, n, l)
+    y = kernels.selective_scan_ref(x, torch.ones_like(x), torch.zeros(x.shape[1], cfg.head_dim), B, C)
+    mamba_out = mixer.o_proj(y.transpose(1, 2))
+    # causal linear attention, written directly from the attention layer
+    rep, e = cfg.n_head // cfg.n_kv_head, cfg.head_dim
+    q = attn.q_proj(o).view(2, 24, cfg.n_head, e).transpose(1, 2)  # (b, h, l, e)
+    k = attn.k_proj(o).view(2, 24, cfg.n_kv_head, e).transpose(1, 2).repeat_interleave(rep, dim=1)
+    v = attn.v_proj(o).view(2, 24, cfg.n_kv_head, e).transpose(1, 2).repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)).tril()  # no softmax, no 1/sqrt(e)
+    lin_attn = attn.o_proj((scores @ v).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(mamba_out, lin_attn, rtol=1e-5, atol=1e-5 * lin_attn.abs().max().item())
+
+
+# -----------------------------------------------------------------------------------------------
+# The reference scan against an independent formulation
+
+
+def scan_closed_form(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
+    """float64, no recurrence: h_t = sum_{s<=t} exp(S_t - S_s) Delta_s B_s u_s + exp(S_t) h_0, with
+    S_t = sum_{r<=t} Delta_r A. Returns (y, last state)."""
+    u, delta, A, B, C = u.double(), delta.double(), A.double(), B.double(), C.double()
+    di, L = u.shape[1:]
+    delta = delta + (delta_bias.double()[:, None] if delta_bias is not None else 0)
+    delta = F.softplus(delta) if delta_softplus else delta
+    B, C = B.repeat_interleave(di // B.shape[1], 1), C.repeat_interleave(di // C.shape[1], 1)  # (b, di, n, l)
+    S = torch.cumsum(delta[:, :, None, :] * A[None, :, :, None], dim=-1)  # (b, di, n, l)
+    seg = (S[..., :, None] - S[..., None, :]).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), -math.inf)
+    h = torch.einsum("bdnts,bdns->bdnt", seg.exp(), (delta * u)[:, :, None, :] * B)  # (b, di, n, l)
+    if initial_state is not None:
+        h = h + S.exp() * initial_state.double()[..., None]
+    y = (h * C).sum(2)
+    y = y + (D.double()[:, None] * u if D is not None else 0)
+    y = y * F.silu(z.double()) if z is not None else y
+    return y, h[..., -1]
+
+
+def scan_inputs(b=2, di=8, L=13, n=4, groups=2, dtype=torch.float32, device="cpu", options=(1, 1, 1, 1)):
+    """Fresh random inputs (never zeros). options: which of D, z, delta_bias, initial_state are given."""
+    has_D, has_z, has_bias, has_h0 = options
+    r = lambda *s: torch.randn(*s, device=device)
+    return dict(u=r(b, di, L).to(dtype), delta=(0.5 * r(b, di, L)).to(dtype), A=-0.5 - torch.rand(di, n, device=device),
+                B=r(b, groups, n, L).to(dtype), C=r(b, groups, n, L).to(dtype), D=r(di) if has_D else None,
+                z=r(b, di, L).to(dtype) if has_z else None, delta_bias=0.5 * r(di) if has_bias else None,
+                initial_state=r(b, di, n) if has_h0 else None)
+
+
+@pytest.mark.parametrize("L,groups,options", [(1, 1, (1, 1, 1, 1)), (13, 2, (0, 0, 0, 0)), (13, 1, (1, 1, 1, 1)),
+                                              (29, 4, (1, 0, 1, 0)), (29, 2, (0, 1, 0, 1))])
+def test_reference_scan_matches_closed_form(L, groups, options):
+    x = scan_inputs(L=L, groups=groups, options=options)
+    y, last = kernels.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    y2, last2 = scan_closed_form(**x, delta_softplus=True)
+    torch.testing.assert_close(y.double(), y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last.double(), last2, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_step_matches_reference_scan():
+    x = scan_inputs(L=9, groups=2)
+    y, last = kernels.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    state = x["initial_state"].clone()
+    ys = [kernels.selective_state_update_ref(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
+                                             x["C"][..., t], x["D"], x["z"][..., t], x["delta_bias"], True)
+          for t in range(9)]
+    torch.testing.assert_close(torch.stack(ys, -1), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, last, rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------------------------
+# The Triton kernels against the reference: a small interpreter tier on CPU, the full product on GPU
+
+CPU_CASES = [  # (dtype, L, groups, n, options D/z/bias/h0); CHUNK = 8 so that L > 8 spans chunks
+    (torch.float32, 1, 1, 4, (1, 1, 1, 1)),
+    (torch.float32, 13, 2, 4, (0, 0, 0, 0)),
+    (torch.float32, 21, 2, 16, (1, 1, 1, 1)),
+    (torch.float32, 21, 4, 4, (0, 1, 0, 1)),
+    (torch.float32, 8, 1, 8, (0, 0, 1, 0)),
+    (torch.float32, 19, 1, 5, (1, 1, 1, 0)),
+    (torch.float32, 21, 8, 4, (1, 0, 0, 1)),
+    (torch.bfloat16, 21, 1, 16, (1, 1, 1, 1)),
+    (torch.bfloat16, 13, 2, 4, (1, 0, 0, 0)),
+    (torch.bfloat16, 1, 2, 4, (0, 1, 1, 1)),
+    (torch.bfloat16, 24, 4, 8, (0, 0, 1, 1)),
+    (torch.float16, 17, 2, 4, (1, 1, 1, 0)),
+]
+GPU_CASES = [(dt, L, g, n, o) for dt, L, g, n, o in itertools.product(
+    [torch.float32, torch.bfloat16], [1, 200, 700], [1, 4], [16, 64],
+    [(1, 1, 1, 1), (0, 0, 0, 0), (1, 1, 0, 0), (0, 0, 1, 1)])]
+
+
+@pytest.mark.parametrize("dtype,L,groups,n,options", GPU_CASES if GPU else CPU_CASES)
+def test_triton_scan_matches_reference(dtype, L, groups, n, options, monkeypatch):
+    monkeypatch.setattr(kernels, "POISON", True)  # outputs start as NaN: an unwritten element fails
+    if not GPU:
+        monkeypatch.setattr(kernels, "CHUNK", 8)
+    di = 64 if GPU else 8
+    x = scan_inputs(b=2, di=di, L=L, n=n, groups=groups, dtype=dtype, device=DEV, options=options)
+    for v in x.values():
+        if v is not None:
+            v.requires_grad_()
+    y, last = kernels.selective_scan(**x, delta_softplus=True, return_last_state=True)
+    ref_in = {k: v.detach().clone().requires_grad_() if v is not None else None for k, v in x.items()}
+    y_ref, last_ref = kernels.selective_scan_ref(**ref_in, delta_softplus=True, return_last_state=True)
+    assert y.dtype == dtype and last.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(last, last_ref, **TOL[dtype])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for k in x:
+        if x[k] is not None:
+            g, g_ref = x[k].grad, ref_in[k].grad
+            scale = g_ref.abs().max().item()  # dB, dC, dA sum over many terms: compare against their scale
+            tol = GRAD_TOL[dtype]
+            torch.testing.assert_close(g.float(), g_ref.float(), rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale),
+                                       msg=lambda m: f"gradient of {k}: {m}")
+
+
+@pytest.mark.parametrize("groups,n,options", [(1, 4, (1, 1, 1)), (2, 16, (0, 0, 0)), (4, 5, (1, 0, 1))])
+def test_triton_step_matches_reference_and_scan(groups, n, options, monkeypatch):
+    """One decode step against the reference step; N steps against one scan of length N."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    has_D, has_z, has_bias = options
+    x = scan_inputs(b=3, di=16, L=5, n=n, groups=groups, device=DEV, options=(has_D, has_z, has_bias, 1))
+    state, state_ref = x["initial_state"].clone(), x["initial_state"].clone()
+    ys = []
+    for t in range(5):
+        at = lambda v: v[..., t] if v is not None else None
+        args = (x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t], x["C"][..., t])
+        kw = dict(D=x["D"], z=at(x["z"]), dt_bias=x["delta_bias"], dt_softplus=True)
+        ys.append(kernels.selective_state_update(state, *args, **kw))
+        y_ref = kernels.selective_state_update_ref(state_ref, *args, **kw)
+        torch.testing.assert_close(ys[-1], y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-5)
+    y_scan, last = kernels.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(torch.stack(ys, -1), y_scan, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, last, rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_tokenizer_round_trip_and_tiktoken_matches_pure_python():
+    tok = mil.Tokenizer()
+    _, val = mil.load_works()
+    text = val[1][5000:9000] + "  odd bytes: \u00e9\u4e2d\U0001f600\t\r\n\x00 end"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode_py(text) == ids  # our BPE in plain Python == tiktoken's, on held-out text
+    assert len(ids) < len(text.encode()) / 2.5  # it compresses Shakespeare
+    assert tok.encode(mil.EOT + "Hamlet") == [tok.eot] + tok.encode("Hamlet")
+    assert tok.decode([tok.eot]) == mil.EOT
+
+
+def test_corrupt_tokenizer_file_is_refused(tmp_path):
+    good = open(mil.TOKENIZER_FILE).read().splitlines()
+    for bad in (good[:-5], good[:100] + ["!!notbase64 100"] + good[101:], [good[1]] + good[1:]):
+        p = tmp_path / "bad.tiktoken"
+        p.write_text("\n".join(bad) + "\n")
+        with pytest.raises(ValueError, match="python mil.py"):
+            mil.Tokenizer(str(p))
+    with pytest.raises(FileNotFoundError, match="python mil.py"):
+        mil.Tokenizer(str(tmp_path / "missing.tiktoken"))
+
+
+def test_corpus_split_keeps_validation_plays_out_of_training():
+    train, val = mil.load_works()
+    assert len(train) == 38 and [w.split("\n")[0] for w in val] == list(mil.VAL_TITLES)
+    assert not any("Enter HAMLET" in w or "PROSPERO" in w for w in train)
+
+
+# -----------------------------------------------------------------------------------------------
+# Models and caches
+
+
+def check_cached_decoding(model, idx):
+    """Prefill, a one-token step, a multi-token append, a truncation and re-append (attention
+    only): each equals the full forward's logits."""
+    full, _ = model(idx)
+    caches = model.new_caches(idx.shape[0], idx.shape[1])
+    parts = [model(idx[:, :5], caches=caches)[0], model(idx[:, 5:6], caches=caches)[0], model(idx[:, 6:11], caches=caches)[0]]
+    if all(isinstance(c, mil.AttnCache) for c in caches):
+        for c in caches:
+            c.truncate(8)
+        parts[-1] = torch.cat([parts[-1][:, :2], model(idx[:, 8:11], caches=caches)[0]], dim=1)
+    parts.append(model(idx[:, 11:], caches=caches)[0])
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_cached_decoding_matches_forward():
+    model = trained_looking(mil.Model(small_config()))
+    check_cached_decoding(model, torch.randint(0, 4096, (2, 16)))
+
+
+def test_hybrid_cached_decoding_matches_forward():
+    teacher = trained_looking(mil.Model(small_config()))
+    hybrid = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3))
+    assert [type(b.mixer).__name__ for b in hybrid.layers] == ["MambaMixer", "Attention"] * 2
+    check_cached_decoding(hybrid, torch.randint(0, 4096, (2, 16)))
+
+
+def test_hybrid_copies_teacher_exactly():
+    teacher = trained_looking(mil.Model(small_config()))
+    same = mil.hybrid_from_teacher(teacher, attn_layers=range(4))
+    idx = torch.randint(0, 4096, (2, 12))
+    assert torch.equal(same(idx)[0], teacher(idx)[0])  # all-attention "hybrid" is the teacher
+    hybrid = mil.hybrid_from_teacher(teacher, attn_layers=(3,))
+    t, h = teacher.state_dict(), hybrid.state_dict()
+    for name, v in t.items():  # embeddings, norms, MLPs, kept attention AND the mapped q/k/v/o_proj
+        assert torch.equal(h[name], v), name
+    assert sum(p.numel() for p in hybrid.parameters()) > sum(p.numel() for p in teacher.parameters())
+    rand = mil.hybrid_from_teacher(teacher, attn_layers=(3,), init="random")
+    assert not torch.equal(rand.state_dict()["layers.0.mixer.q_proj.weight"], t["layers.0.mixer.q_proj.weight"])
+    assert torch.equal(rand.state_dict()["layers.0.mlp.up_proj.weight"], t["layers.0.mlp.up_proj.weight"])
+    # stepwise: the next student keeps the previous student's Mamba layers, maps the newly replaced ones
+    with torch.no_grad():
+        hybrid.layers[0].mixer.A_log.add_(1.0)
+    half = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3))
+    with torch.no_grad():
+        half.layers[0].mixer.D.add_(1.0)
+    quarter = mil.hybrid_from_teacher(teacher, attn_layers=(3,), student=half)
+    assert torch.equal(quarter.layers[0].mixer.D, half.layers[0].mixer.D)
+    assert torch.equal(quarter.layers[1].mixer.q_proj.weight, teacher.layers[1].mixer.q_proj.weight)
+
+
+def test_generate_is_greedy_and_deterministic():
+    model = trained_looking(mil.Model(small_config()))
+    idx = torch.randint(0, 4096, (1, 6))
+    out = mil.generate(model, idx, 8, temperature=0)
+    x = idx
+    for _ in range(8):  # no cache: re-run the whole sequence
+        x = torch.cat([x, model(x)[0][:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, x)
+
+
+# -----------------------------------------------------------------------------------------------
+# Options and checkpoints
+
+
+def test_options_reject_unknown_keys_and_bad_types():
+    defaults = dict(steps=10, lr=0.1, name="x", flag=False)
+    assert mil.parse_options(defaults, ["--steps=3", "--lr=1e-3", "--flag"]) == dict(steps=3, lr=1e-3, name="x", flag=True)
+    with pytest.raises(SystemExit, match="--stpes.*valid options: --steps, --lr"):
+        mil.parse_options(defaults, ["--stpes=3"])
+    with pytest.raises(SystemExit, match="--steps takes a int, got 'ten'"):
+        mil.parse_options(defaults, ["--steps=ten"])
+    with pytest.raises(SystemExit, match="--preset takes"):
+        distill.resolve(["--preset=tpu"])
+
+
+def test_checkpoint_with_another_config_is_refused(tmp_path):
+    cfg = small_config()
+    path = str(tmp_path / "teacher.pt")
+    mil.save_checkpoint(path, model=mil.Model(cfg).state_dict(), config=cfg.to_dict())
+    model, _ = mil.load_model(path, expect=cfg)
+    with pytest.raises(ValueError, match="another config.*d_model"):
+        mil.load_model(path, expect=small_config(d_model=64, n_head=4))
+    with pytest.raises(FileNotFoundError, match="python distill.py"):
+        mil.load_model(str(tmp_path / "nope.pt"))
