@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -270,6 +271,25 @@ def finetune_stage(cfg, data, teacher, student, name):
     return model
 
 
+def draft_stage(cfg, data, teacher):
+    """The speculative-decoding draft, shared by every hybrid: a 2-layer Transformer built from the
+    teacher's first and last layers ("shrink and fine-tune", the paper's Table 5), trained with KL."""
+    path = os.path.join(cfg["out_dir"], "draft.pt")
+    if os.path.exists(path):
+        return mil.load_model(path, device=data.device)[0]
+    n = teacher.cfg.n_layer
+    draft = mil.Model(replace(teacher.cfg, n_layer=2, attn_layers=None)).to(data.device)
+    sd = {k: v for k, v in teacher.state_dict().items() if not k.startswith("layers.")}
+    for i, src in enumerate((0, n - 1)):
+        sd.update({k.replace(f"layers.{src}.", f"layers.{i}.", 1): v for k, v in teacher.state_dict().items()
+                   if k.startswith(f"layers.{src}.")})
+    draft.load_state_dict(sd)
+    train("draft", draft, cfg, data, cfg["draft_steps"], cfg["distill_lr"],
+          distill_loss(draft, teacher, data, cfg, alpha=0.0, beta=1.0), trainable(draft, "all"))
+    mil.save_checkpoint(path, model=draft.state_dict(), config=draft.cfg.to_dict(), run=cfg)
+    return draft
+
+
 def pseudo_labels(cfg, data, teacher):
     """The paper's targets: teacher generations (temperature 1) from 16-token corpus prompts, sampled
     once and cached in out_dir/pseudo.pt."""
@@ -328,6 +348,7 @@ def main(argv=None):
         students.append((name, prev))
         if cfg["finetune"]:
             students.append((name + "_ft", finetune_stage(cfg, data, teacher, prev, name + "_ft")))
+    students.append(("draft", draft_stage(cfg, data, teacher)))
     print(f"pipeline trained in {time.time() - t_start:.0f}s; evaluating")
     windows = data.val_windows(cfg["block_size"], cfg["eval_windows"])
     rows, t_loss = [], None

@@ -10,6 +10,7 @@ Layouts are mamba_ssm's `selective_scan_fn` / `selective_state_update`, so eithe
 Each fast function has a `_ref` twin with the same signature; `scan` and `step` pick one through
 BACKEND (auto | triton | ref) and say once which path runs. `python kernels.py` benchmarks them.
 """
+import itertools
 import math
 import os
 import sys
@@ -27,6 +28,8 @@ except ImportError:  # e.g. macOS: the reference is the only path, and `use_trit
 
 BACKEND = "auto"  # auto: Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1); ref: the loop
 CHUNK = 64  # time steps per chunk: the forward saves the state at chunk starts for the backward
+STATES = 256  # states (channels x d_state) per program ...
+WARPS = 4  # ... and warps per program: the launch shape, chosen by the sweep in `python kernels.py`
 POISON = False  # tests set it: outputs start as NaN, so an element a kernel forgets to write fails
 
 # -----------------------------------------------------------------------------------------------
@@ -74,6 +77,23 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(x.dtype)
+
+def selective_state_verify_ref(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D=None, z=None,
+                               dt_bias=None, dt_softplus=False):
+    """Algorithm 2's verification step as a loop of `selective_state_update_ref`. First replay, into
+    the committed state (b, di, n), the first replay[b] of the previously verified tokens (x_prev,
+    dt_prev (b, di, w); B_prev (b, g, n, w)): their outputs are known already. Then step through the
+    new tokens (x, dt, z (b, di, l); B, C (b, g, n, l)) from a copy, emitting y (b, di, l); the
+    committed state stays at the last accepted token."""
+    for i in range(x_prev.shape[-1]):
+        stepped = state.clone()
+        selective_state_update_ref(stepped, x_prev[..., i], dt_prev[..., i], A, B_prev[..., i], B_prev[..., i],
+                                   dt_bias=dt_bias, dt_softplus=dt_softplus)
+        state.copy_(torch.where((i < replay)[:, None, None], stepped, state))  # rows replay their own count
+    h = state.clone()
+    return torch.stack([selective_state_update_ref(h, x[..., t], dt[..., t], A, B[..., t], C[..., t], D,
+                                                   z[..., t] if z is not None else None, dt_bias, dt_softplus)
+                        for t in range(x.shape[-1])], dim=-1)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -267,6 +287,53 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bi
     tl.store(out_ptr + b * s_ob + d, y.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
+                   bias_ptr, out_ptr, W, L, DI, N, REP,
+                   s_pb, s_pd, s_pw, s_Pb, s_Pg, s_Pn, s_Pw, s_xb, s_xd, s_xl, s_tb, s_td, s_tl, s_zb, s_zd, s_zl,
+                   s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_ob, s_od, s_ol,
+                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Algorithm 2's MultiStep: load the committed state, replay the accepted prefix of the last
+    verified tokens (no outputs), store it as the new committed state, then step through the new
+    tokens emitting outputs and writing no state."""
+    b, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    mn = n < N
+    g = (pd * BLOCK_D) // REP
+    sp = state_ptr + b * DI * N + d[:, None] * N + n[None, :]
+    h = tl.load(sp, mask=mn[None, :], other=0.0)
+    A2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mn[None, :], other=0.0) * LOG2E
+    bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
+    Dv = tl.load(D_ptr + d) if HAS_D else 0.0
+    replay = tl.load(replay_ptr + b)
+    # stage 1: replay the accepted tokens of the previous verification
+    for i in range(W):
+        x = tl.load(xp_ptr + b * s_pb + d * s_pd + i * s_pw).to(tl.float32)
+        dt = tl.load(tp_ptr + b * s_pb + d * s_pd + i * s_pw).to(tl.float32) + bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        Bt = tl.load(Bp_ptr + b * s_Pb + g * s_Pg + n * s_Pn + i * s_Pw, mask=mn, other=0.0).to(tl.float32)
+        h_next = tl.exp2(dt[:, None] * A2) * h + (dt * x)[:, None] * Bt[None, :]
+        h = tl.where(i < replay, h_next, h)
+    tl.store(sp, h, mask=mn[None, :])
+    # stage 2: the new tokens, outputs only
+    for t in range(L):
+        x = tl.load(x_ptr + b * s_xb + d * s_xd + t * s_xl).to(tl.float32)
+        dt = tl.load(dt_ptr + b * s_tb + d * s_td + t * s_tl).to(tl.float32) + bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + n * s_Bn + t * s_Bl, mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + b * s_Cb + g * s_Cg + n * s_Cn + t * s_Cl, mask=mn, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A2) * h + (dt * x)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1) + Dv * x
+        if HAS_Z:
+            z = tl.load(z_ptr + b * s_zb + d * s_zd + t * s_zl).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptr + b * s_ob + d * s_od + t * s_ol, y.to(out_ptr.dtype.element_ty))
+
+
 # -----------------------------------------------------------------------------------------------
 # Python wrappers: shapes checked, strides passed explicitly, optional inputs as constexpr flags
 
@@ -277,7 +344,7 @@ def _blocks(di, groups, n):
     assert di % groups == 0, f"dim {di} is not a multiple of groups {groups}"
     rep, block_n = di // groups, triton.next_power_of_2(n)
     block_d = 1
-    while rep % (2 * block_d) == 0 and 2 * block_d * block_n <= max(256, block_n):
+    while rep % (2 * block_d) == 0 and 2 * block_d * block_n <= max(STATES, block_n):
         block_d *= 2
     return block_d, block_n
 
@@ -318,7 +385,7 @@ class SelectiveScanFn(torch.autograd.Function):
             out, chunk_states, last, L, di, n, di // g, n_chunks, *u.stride(), *delta.stride(), *zz.stride(),
             *B.stride(), *C.stride(), *out.stride(), HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SOFTPLUS=delta_softplus, CHUNK=CHUNK,
-            BLOCK_D=block_d, BLOCK_N=block_n)
+            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias, chunk_states)
         ctx.flags = (delta_softplus, initial_state is not None, delta_bias is not None and delta_bias.dtype)
         ctx.mark_non_differentiable(last)
@@ -343,7 +410,7 @@ class SelectiveScanFn(torch.autograd.Function):
             chunk_states, dout, scratch, du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, L, di, n, di // g, n_chunks,
             *u.stride(), *delta.stride(), *zz.stride(), *B.contiguous().stride(), *C.contiguous().stride(), *dout.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-            CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+            CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
         return (du, ddelta, dA.sum(0), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0) if D is not None else None,
                 dz if z is not None else None, dbias.sum(0).to(bias_dtype) if bias_dtype else None,
                 dh0 if has_h0 else None, None)
@@ -370,6 +437,25 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         state, x, dt, A, B, C, D.float() if D is not None else A, zz, dt_bias.float() if dt_bias is not None else A,
         out, di, n, di // g, *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), out.stride(0), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n)
+    return out
+
+
+def selective_state_verify(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                           dt_softplus=False):
+    """Triton MultiStep verification; the contract of `selective_state_verify_ref`."""
+    (b, di, L), (n, g), W = x.shape, (A.shape[1], B.shape[1]), x_prev.shape[-1]
+    assert state.shape == (b, di, n) and state.dtype == torch.float32 and state.is_contiguous()
+    assert dt_prev.stride() == x_prev.stride() and replay.shape == (b,)
+    block_d, block_n = _blocks(di, g, n)
+    out = _alloc(b, di, L, like=x)
+    zz = z if z is not None else x
+    A = A.float().contiguous()
+    _verify_kernel[(b, di // block_d)](
+        state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D.float() if D is not None else A, zz,
+        dt_bias.float() if dt_bias is not None else A, out, W, L, di, n, di // g, *x_prev.stride(), *B_prev.stride(),
+        *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        BLOCK_D=block_d, BLOCK_N=block_n)
     return out
 
 
@@ -403,3 +489,166 @@ def scan(u, delta, A, B, C, **kw):
 
 def step(state, x, dt, A, B, C, **kw):
     return (selective_state_update if use_triton(x.device) else selective_state_update_ref)(state, x, dt, A, B, C, **kw)
+
+
+def verify(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D=None, z=None, delta_bias=None,
+           delta_softplus=False):
+    fn = selective_state_verify if use_triton(x.device) else selective_state_verify_ref
+    return fn(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D=D, z=z, dt_bias=delta_bias,
+              dt_softplus=delta_softplus)
+
+
+# -----------------------------------------------------------------------------------------------
+# `python kernels.py`: the benchmark
+
+
+def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=32):
+    """A plain PyTorch parallel formulation, for the benchmark: within a chunk of T steps,
+    h_t = sum_{s<=t} exp(S_t - S_s) Delta_s B_s u_s + exp(S_t - S_start) h_start, S = cumsum(Delta A);
+    it materializes (b, di, n, T, T) per chunk and carries h across chunks."""
+    (b, di, L), g = u.shape, B.shape[1]
+    u, delta = u.float(), delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0)
+    delta = F.softplus(delta) if delta_softplus else delta
+    h, ys = u.new_zeros(b, di, A.shape[1], 1), []
+    for t0 in range(0, L, chunk):
+        sl = slice(t0, min(L, t0 + chunk))
+        Bc, Cc = (X[..., sl].float().repeat_interleave(di // g, 1) for X in (B, C))  # (b, di, n, T)
+        S = torch.cumsum(delta[:, :, None, sl] * A[None, :, :, None], dim=-1)  # (b, di, n, T)
+        T = S.shape[-1]
+        seg = (S[..., :, None] - S[..., None, :]).masked_fill(~torch.ones(T, T, dtype=torch.bool, device=u.device).tril(), -math.inf)
+        hs = seg.exp() @ ((delta * u)[:, :, None, sl] * Bc)[..., None] + S.exp()[..., None] * h[..., None, :]
+        ys.append((hs[..., 0] * Cc).sum(2))
+        h = hs[..., -1, :]
+    y = torch.cat(ys, dim=-1) + (D.float()[:, None] * u if D is not None else 0)
+    return (y * F.silu(z.float()) if z is not None else y).to(B.dtype)
+
+
+def benchmark():
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    bench = (lambda f: do_bench(f, warmup=25, rep=200, return_mode="median") / 1e3) if cuda else \
+        (lambda f: min(__import__("timeit").repeat(f, number=1, repeat=3)))
+    if not cuda:
+        print("no GPU: a small smoke run through the Triton interpreter; numbers on a CPU mean little")
+    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, triton {triton.__version__}")
+    # the memory ceiling: a device-to-device copy, counting bytes read and written
+    x = torch.empty(2 ** 30 if cuda else 2 ** 22, dtype=torch.uint8, device=dev)
+    bw = 2 * x.numel() / bench(lambda: x.clone())
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    del x
+    shapes = {"S1": (8, 2048, 16, 1, 2048), "S2": (8, 2048, 64, 32, 2048), "S3": (8, 2048, 16, 1, 8192)} if cuda else \
+        {"smoke": (1, 16, 4, 2, 64)}
+    print("\n| shape | pass | Triton us | floor us | x floor | reference us | speedup | PyTorch parallel us | speedup |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, (b, di, n, g, L) in shapes.items():
+        r = lambda *s: torch.randn(*s, device=dev)
+        make = lambda L: dict(u=r(b, di, L).bfloat16(), delta=(0.5 * r(b, di, L)).bfloat16(), A=-torch.rand(di, n, device=dev) - 0.5,
+                              B=r(b, g, n, L).bfloat16(), C=r(b, g, n, L).bfloat16(), D=r(di), z=r(b, di, L).bfloat16(),
+                              delta_bias=r(di) * 0.5)
+        io = 2 * (4 * b * di * L + 2 * b * g * n * L) + 4 * (di * n + 2 * di)  # u, delta, z, y; B, C; A, D, bias
+        bytes_ = {"forward": io, "backward": 2 * io + 2 * b * di * L, "forward+backward": 3 * io + 2 * b * di * L}
+        L_ref = min(L, 256)  # the loop over time is slow: run it shorter and scale
+        times = {}
+        for impl, length in (("triton", L), ("ref", L_ref), ("parallel", L_ref)):
+            ins = make(length)
+            fn = {"triton": selective_scan, "ref": selective_scan_ref, "parallel": selective_scan_parallel}[impl]
+            leaves = {k: v.requires_grad_() for k, v in ins.items()}
+            fwd = lambda: fn(**leaves, delta_softplus=True)
+            y = fwd()
+            dy = torch.randn_like(y)
+            scale = L / length
+            times[impl, "forward"] = bench(lambda: fwd()) * scale
+            times[impl, "backward"] = bench(lambda: y.backward(dy, retain_graph=True)) * scale
+            times[impl, "forward+backward"] = bench(lambda: fwd().backward(dy)) * scale
+            del y, leaves, ins
+        for p in ("forward", "backward", "forward+backward"):
+            t, floor = times["triton", p], bytes_[p] / bw
+            print(f"| {name} | {p} | {t * 1e6:.0f} | {floor * 1e6:.0f} | {t / floor:.1f}x | {times['ref', p] * 1e6:.0f} | "
+                  f"{times['ref', p] / t:.0f}x | {times['parallel', p] * 1e6:.0f} | {times['parallel', p] / t:.1f}x |")
+    # decoding: one step, and Algorithm 2's fused verification against K+1 = 5 steps that save every state
+    print("\n| decode | batch | d_state | Triton us | reference us | speedup |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    graph_bench = (lambda f: do_bench_cudagraph(f, rep=100) / 1e3) if cuda else bench
+    di = 2048 if cuda else 16
+    for n, g in ((16, 1), (64, 32)) if cuda else ((4, 2),):
+        for b in (1, 64) if cuda else (1, 4):
+            r = lambda *s: torch.randn(*s, device=dev)
+            A, D, bias = -torch.rand(di, n, device=dev) - 0.5, r(di), r(di)
+            state = r(b, di, n)
+            x, dt, z = r(b, di).bfloat16(), r(b, di).bfloat16(), r(b, di).bfloat16()
+            Bt, Ct = r(b, g, n).bfloat16(), r(b, g, n).bfloat16()
+            args = lambda f: (lambda: f(state, x, dt, A, Bt, Ct, D, z, bias, True))
+            t, t_ref = graph_bench(args(selective_state_update)), graph_bench(args(selective_state_update_ref))
+            print(f"| step | {b} | {n} | {t * 1e6:.1f} | {t_ref * 1e6:.1f} | {t_ref / t:.1f}x |")
+            W = 5
+            xs, dts, zs = r(b, di, W).bfloat16(), r(b, di, W).bfloat16(), r(b, di, W).bfloat16()
+            Bs, Cs = r(b, g, n, W).bfloat16(), r(b, g, n, W).bfloat16()
+            replay = torch.full((b,), 3, dtype=torch.int32, device=dev)
+            states = torch.empty(W, b, di, n, device=dev)
+
+            def five_steps():  # the naive way: a step per token, each state saved for rollback
+                prev = state
+                for i in range(W):
+                    states[i].copy_(prev)
+                    selective_state_update(states[i], xs[..., i], dts[..., i], A, Bs[..., i], Cs[..., i], D, zs[..., i], bias, True)
+                    prev = states[i]
+
+            t_fused = graph_bench(lambda: selective_state_verify(state, xs, dts, Bs, replay, xs, dts, A, Bs, Cs, D, zs, bias, True))
+            t_naive = graph_bench(five_steps)
+            print(f"| verify K+1=5 (fused vs 5 saving steps: {t_naive * 1e6:.1f} us) | {b} | {n} | {t_fused * 1e6:.1f} | "
+                  f"- | {t_naive / t_fused:.1f}x |")
+    if cuda:
+        training_speed()
+        sweep(bench)
+
+
+def sweep(bench):
+    """The launch shape: states per program x warps, forward and backward, S1 and S2."""
+    global STATES, WARPS
+    chosen = STATES, WARPS
+    print("\n| states / program | warps | S1 fwd us | S1 bwd us | S2 fwd us | S2 bwd us |\n| --- | --- | --- | --- | --- | --- |")
+    for STATES, WARPS in itertools.product((256, 512, 1024), (2, 4, 8)):
+        cells = []
+        for b, di, n, g, L in ((8, 2048, 16, 1, 2048), (8, 2048, 64, 32, 2048)):
+            r = lambda *s: torch.randn(*s, device="cuda")
+            ins = dict(u=r(b, di, L).bfloat16(), delta=(0.5 * r(b, di, L)).bfloat16(), A=-torch.rand(di, n, device="cuda") - 0.5,
+                       B=r(b, g, n, L).bfloat16(), C=r(b, g, n, L).bfloat16(), D=r(di), z=r(b, di, L).bfloat16(), delta_bias=r(di))
+            leaves = {k: v.requires_grad_() for k, v in ins.items()}
+            y = selective_scan(**leaves, delta_softplus=True)
+            dy = torch.randn_like(y)
+            cells += [bench(lambda: selective_scan(**leaves, delta_softplus=True)), bench(lambda: y.backward(dy, retain_graph=True))]
+        print(f"| {STATES} | {WARPS} | " + " | ".join(f"{t * 1e6:.0f}" for t in cells) + " |", flush=True)
+    STATES, WARPS = chosen
+
+
+def training_speed():
+    """A distillation-shaped training step of the gpu preset's 50% hybrid (random weights) at L = 512,
+    through the Triton scan and through the reference loop."""
+    import mil
+    global BACKEND
+    cfg = mil.Config(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, attn_layers=(1, 3, 5, 7))
+    model = mil.Model(cfg).cuda()
+    idx = torch.randint(0, cfg.vocab_size, (16, 512), device="cuda")
+    times = {}
+    for backend in ("triton", "ref"):
+        BACKEND = backend
+
+        def train_step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(idx, idx)[1]
+            loss.backward()
+
+        train_step()
+        torch.cuda.synchronize()
+        times[backend] = min(__import__("timeit").repeat(lambda: (train_step(), torch.cuda.synchronize()), number=1, repeat=3))
+    BACKEND = "auto"
+    print(f"\ntraining step, gpu preset 50% hybrid, batch 16 x 512: Triton {16 * 512 / times['triton']:,.0f} tokens/s, "
+          f"reference {16 * 512 / times['ref']:,.0f} tokens/s: {times['ref'] / times['triton']:.1f}x")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1", "without a GPU, run as TRITON_INTERPRET=1 python kernels.py"
+    benchmark()

@@ -258,8 +258,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(inv_freq, start, length):
-    """cos, sin (l, e) for positions start .. start+length-1, computed on the fly."""
-    pos = torch.arange(start, start + length, device=inv_freq.device, dtype=torch.float32)
+    """cos, sin (l, e) for positions start .. start+length-1 (start: an int or a device tensor),
+    computed on the fly, so that positions past the training context work."""
+    pos = (start + torch.arange(length, device=inv_freq.device)).float()
     freqs = torch.outer(pos, inv_freq)  # (l, e/2)
     freqs = torch.cat([freqs, freqs], dim=-1)  # (l, e)
     return freqs.cos(), freqs.sin()
@@ -271,23 +272,40 @@ def apply_rope(x, cos, sin):  # x (b, heads, l, e): Llama's rotate-half form
 
 
 class AttnCache:
-    """Static KV cache of one attention layer: (b, g, t_max, e), filled up to `len`. Appends of any
-    number of tokens (prefill; the K+1 positions of speculative verification) and truncation."""
+    """Static KV cache of one attention layer: (b, g, t_max, e). Appends of any number of tokens
+    (prefill; the K+1 positions of speculative verification) and `accept` (drop rejected drafts).
+    `len` (a Python int) sizes the work; `pos`, the same number on the device, is what the kernels
+    read, so that a decode step can be replayed as a CUDA graph."""
 
     def __init__(self, cfg, batch, max_len, device, dtype):
         shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k, self.v, self.len = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype), 0
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.len, self.last, self.pos = 0, 0, torch.zeros((), dtype=torch.long, device=device)
 
-    def append(self, k, v):  # k, v (b, g, l, e) -> the whole cache so far (b, g, t, e)
-        end = self.len + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked for {end}")
-        self.k[:, :, self.len:end], self.v[:, :, self.len:end] = k, v
-        self.len = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def append(self, k, v):  # k, v (b, g, l, e) -> keys, values (b, g, t, e) and a mask (l, t) or None
+        length = k.shape[2]
+        if self.len + length > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked for {self.len + length}")
+        if self.len == 0:  # prefill: plain causal attention over the prompt
+            self.k[:, :, :length], self.v[:, :, :length] = k, v
+            self.pos.fill_(length)
+            self.len = self.last = length
+            return k, v, None
+        idx = self.pos + torch.arange(length, device=k.device)  # positions of the new tokens
+        self.k.index_copy_(2, idx, k)
+        self.v.index_copy_(2, idx, v)
+        self.pos += length
+        self.len, self.last = self.len + length, length
+        mask = torch.arange(self.k.shape[2], device=k.device) <= idx[:, None]  # query i sees keys up to its position
+        return self.k, self.v, mask
 
-    def truncate(self, length):  # drop rejected speculative drafts
+    def accept(self, m):  # of the tokens the last append added, keep the first m
+        self.len -= self.last - m
+        self.pos.fill_(self.len)
+
+    def truncate(self, length):
         self.len = length
+        self.pos.fill_(length)
 
 
 class Attention(nn.Module):
@@ -306,14 +324,18 @@ class Attention(nn.Module):
         k = rearrange(self.k_proj(x), "b l (g e) -> b g l e", e=e)
         v = rearrange(self.v_proj(x), "b l (g e) -> b g l e", e=e)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        start, length = (cache.len if cache else 0), x.shape[1]
         mask = None
         if cache is not None:
-            k, v = cache.append(k, v)  # (b, g, t, e)
-            if length > 1:  # query i sits at position start + i and sees keys up to there
-                mask = torch.arange(k.shape[2], device=x.device) <= start + torch.arange(length, device=x.device)[:, None]
-        causal = cache is None or (start == 0 and length > 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal, enable_gqa=True)
+            k, v, mask = cache.append(k, v)  # (b, g, t, e); mask (l, t) past the prefill
+        if mask is None:  # training, prefill: causal flash attention, KV heads repeated to the query heads
+            rep = self.cfg.n_head // self.cfg.n_kv_head
+            y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
+        else:  # decoding: the query heads of a KV head attend together, reading the cache once, uncopied
+            g = self.cfg.n_kv_head
+            qg = rearrange(q, "b (g r) l e -> b g (r l) e", g=g)  # (b, g, r*l, e)
+            scores = (qg @ k.transpose(-1, -2)).float() / math.sqrt(e)  # (b, g, r*l, t)
+            scores = scores.masked_fill(~mask.repeat(q.shape[1] // g, 1), -math.inf)
+            y = rearrange(scores.softmax(-1).type_as(v) @ v, "b g (r l) e -> b (g r) l e", l=x.shape[1])
         return self.o_proj(rearrange(y, "b h l e -> b l (h e)"))
 
 
@@ -333,13 +355,35 @@ class MLP(nn.Module):  # SwiGLU
 
 
 class MambaCache:
-    """Recurrent state of one Mamba layer: the last d_conv-1 conv inputs and the SSM state (float32)."""
+    """Recurrent state of one Mamba layer: the last d_conv-1 conv inputs and the SSM state (float32).
+    With `draft_len` K it also holds what Algorithm 2 needs for speculative verification: the conv
+    window widened by K+1, and the per-token inputs (x, Delta, B) of the last verified tokens, whose
+    accepted prefix the next verification replays into the committed state."""
 
-    def __init__(self, cfg, batch, max_len, device, dtype):
-        di = cfg.n_head * cfg.head_dim
+    def __init__(self, cfg, batch, max_len, device, dtype, draft_len=0):
+        di, n, g = cfg.n_head * cfg.head_dim, cfg.head_dim, cfg.n_head
         self.conv = torch.zeros(batch, di, cfg.d_conv - 1, device=device, dtype=dtype)  # (b, di, d_conv-1)
-        self.ssm = torch.zeros(batch, di, cfg.head_dim, device=device, dtype=torch.float32)  # (b, di, n)
-        self.len = 0
+        self.ssm = torch.zeros(batch, di, n, device=device, dtype=torch.float32)  # (b, di, n): committed state
+        self.len, self.last, self.pos = 0, 0, torch.zeros((), dtype=torch.long, device=device)
+        self.draft_len = draft_len
+        if draft_len:
+            w = draft_len + 1
+            self.conv_window = torch.zeros(batch, di, cfg.d_conv - 1 + w, device=device, dtype=dtype)
+            self.x = torch.zeros(batch, di, w, device=device, dtype=dtype)  # after conv and SiLU
+            self.dt = torch.zeros(batch, di, w, device=device, dtype=dtype)
+            self.B = torch.zeros(batch, g, n, w, device=device, dtype=dtype)
+            self.replay = torch.zeros(batch, dtype=torch.int32, device=device)  # how many of them to replay
+
+    def advance(self, length):
+        self.pos += length
+        self.len, self.last = self.len + length, length
+
+    def accept(self, m):  # of the last verified tokens, the first m were accepted
+        k = self.conv.shape[-1]
+        self.conv.copy_(self.conv_window[..., m:m + k])
+        self.replay.fill_(m)
+        self.len -= self.last - m
+        self.pos.fill_(self.len)
 
 
 class MambaMixer(nn.Module):
@@ -400,20 +444,24 @@ class MambaMixer(nn.Module):
         k = self.cfg.d_conv - 1
         past = cache.conv if cache is not None else x.new_zeros(x.shape[0], x.shape[1], k)
         x_pad = torch.cat([past, x], dim=-1)  # (b, di, k + l)
-        if cache is not None:
-            cache.conv.copy_(x_pad[..., -k:])
-            cache.len += o.shape[1]
         x = F.silu(F.conv1d(x_pad, self.conv1d.weight, self.conv1d.bias, groups=x.shape[1]))  # (b, di, l)
         A = -torch.exp(self.A_log.float())  # (di, n)
         args = dict(D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         if cache is None:
-            y = kernels.scan(x, dt, A, B, C, **args)
+            return self.o_proj(rearrange(kernels.scan(x, dt, A, B, C, **args), "b di l -> b l di"))
+        if cache.draft_len and cache.len > 0:  # speculative verification (Algorithm 2): one fused kernel
+            y = kernels.verify(cache.ssm, cache.x, cache.dt, cache.B, cache.replay, x, dt, A, B, C, **args)
+            for buf, new in ((cache.x, x), (cache.dt, dt), (cache.B, B), (cache.conv_window, x_pad)):
+                buf.copy_(new)  # the next verification replays the accepted prefix of these
         elif o.shape[1] == 1:  # one decode step updates the state in place
             y = kernels.step(cache.ssm, x[..., 0], dt[..., 0], A, B[..., 0], C[..., 0], D=args["D"], z=z[..., 0],
                              dt_bias=args["delta_bias"], dt_softplus=True)[..., None]
-        else:  # several tokens at once (prefill, verification): scan from the cached state
+            cache.conv.copy_(x_pad[..., -k:])
+        else:  # several tokens at once (prefill): scan from the cached state
             y, last = kernels.scan(x, dt, A, B, C, **args, return_last_state=True, initial_state=cache.ssm)
             cache.ssm.copy_(last)
+            cache.conv.copy_(x_pad[..., -k:])
+        cache.advance(o.shape[1])
         return self.o_proj(rearrange(y, "b di l -> b l di"))
 
 
@@ -452,7 +500,7 @@ class Model(nn.Module):
                 block.mixer.reset_ssm_parameters()
 
     def forward(self, idx, targets=None, caches=None):  # idx (b, l) -> logits (b, l, v)
-        start = caches[0].len if caches else 0
+        start = caches[0].pos if caches else 0  # on the device, so that a CUDA graph can replay it
         rope = rope_tables(self.inv_freq, start, idx.shape[1])
         x = self.embed(idx)  # (b, l, d)
         for i, block in enumerate(self.layers):
@@ -461,11 +509,12 @@ class Model(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def new_caches(self, batch, max_len, device=None, dtype=None):
+    def new_caches(self, batch, max_len, device=None, dtype=None, draft_len=0):
+        """One cache per layer; draft_len K > 0 prepares the Mamba layers for verifying K drafts."""
         device = device or self.lm_head.weight.device
         dtype = dtype or self.lm_head.weight.dtype
-        return [(AttnCache if isinstance(b.mixer, Attention) else MambaCache)(self.cfg, batch, max_len, device, dtype)
-                for b in self.layers]
+        return [AttnCache(self.cfg, batch, max_len, device, dtype) if isinstance(b.mixer, Attention)
+                else MambaCache(self.cfg, batch, max_len, device, dtype, draft_len) for b in self.layers]
 
 
 # -----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import distill
 import kernels
 import mil
+import speculative
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -115,6 +116,9 @@ def test_reference_scan_matches_closed_form(L, groups, options):
     y, last = kernels.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
     y2, last2 = scan_closed_form(**x, delta_softplus=True)
     torch.testing.assert_close(y.double(), y2, rtol=1e-5, atol=1e-5)
+    if x["initial_state"] is None:  # the benchmark's PyTorch parallel formulation, chunked
+        y3 = kernels.selective_scan_parallel(**{k: v for k, v in x.items() if k != "initial_state"}, delta_softplus=True, chunk=8)
+        torch.testing.assert_close(y3.double(), y2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last.double(), last2, rtol=1e-5, atol=1e-5)
 
 
@@ -321,3 +325,106 @@ def test_checkpoint_with_another_config_is_refused(tmp_path):
         mil.load_model(path, expect=small_config(d_model=64, n_head=4))
     with pytest.raises(FileNotFoundError, match="python distill.py"):
         mil.load_model(str(tmp_path / "nope.pt"))
+
+
+# -----------------------------------------------------------------------------------------------
+# Speculative decoding
+
+
+def peaked_models():
+    """A hybrid target and a 2-layer Transformer draft whose layers add little to the embedding's
+    own prediction, so that most drafts are accepted and some are not: both paths get exercised."""
+    cfg = small_config(n_layer=4, block_size=40)
+    teacher = trained_looking(mil.Model(cfg))
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(0.15)
+    target = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3))
+    draft = mil.Model(mil.Config(**{**cfg.to_dict(), "n_layer": 2, "attn_layers": None}))
+    draft.load_state_dict({k.replace("layers.3.", "layers.1.", 1): v for k, v in teacher.state_dict().items()
+                           if not k.startswith(("layers.1.", "layers.2."))})
+    return target.eval(), draft.eval()
+
+
+def test_greedy_speculative_decoding_equals_plain_greedy():
+    target, draft = peaked_models()
+    accepted = tested = 0
+    for k in (1, 2, 4):
+        for seed in range(2):
+            prompt = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(seed))
+            n_new = 40 - 5  # up to the length limit
+            plain = speculative.plain_generate(target, prompt, n_new, temperature=0)
+            assert torch.equal(plain, mil.generate(target, prompt, n_new, temperature=0))
+            spec, stats = speculative.speculative_generate(target, draft, prompt, n_new, k, temperature=0)
+            assert torch.equal(spec, plain), f"K={k}, prompt {seed}"
+            accepted, tested = accepted + stats["accepted"], tested + stats["tested"]
+    assert 0 < accepted < tested  # both acceptance and rejection happened
+
+
+@pytest.mark.parametrize("groups,n", [(1, 4), (4, 16)])
+def test_verify_kernel_matches_reference_for_every_replay_count(groups, n, monkeypatch):
+    """Algorithm 2's fused MultiStep kernel against its loop of reference steps, for every number of
+    replayed tokens 0 .. K+1 (each row of the batch its own), outputs and committed state."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    K = 3
+    prev = scan_inputs(b=K + 2, di=8, L=K + 1, n=n, groups=groups, device=DEV)
+    new = scan_inputs(b=K + 2, di=8, L=K + 1, n=n, groups=groups, device=DEV)
+    replay = torch.arange(K + 2, dtype=torch.int32, device=DEV)  # row r replays r tokens
+    state = prev["initial_state"].clone()
+    state_ref = state.clone()
+    args = (new["u"], new["delta"], new["A"], new["B"], new["C"])
+    kw = dict(D=new["D"], z=new["z"], dt_bias=new["delta_bias"], dt_softplus=True)
+    y = kernels.selective_state_verify(state, prev["u"], prev["delta"], prev["B"], replay, *args, **kw)
+    y_ref = kernels.selective_state_verify_ref(state_ref, prev["u"], prev["delta"], prev["B"], replay, *args, **kw)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-5)
+    for r in range(K + 2):  # the committed state is the state after exactly r replayed tokens
+        h = prev["initial_state"][r:r + 1].clone()
+        for i in range(r):
+            kernels.selective_state_update_ref(h, prev["u"][r:r + 1, :, i], prev["delta"][r:r + 1, :, i], new["A"],
+                                               prev["B"][r:r + 1, ..., i], prev["B"][r:r + 1, ..., i],
+                                               dt_bias=new["delta_bias"], dt_softplus=True)
+        torch.testing.assert_close(state[r:r + 1], h, rtol=1e-5, atol=1e-5)
+
+
+def two_token_samples(accept, trials=200_000, v=5, seed=0):
+    """Sample the first two tokens by speculative sampling (K=2, then K=1 if the first round gave only
+    one token) from table models: target p1 (v,), p2 (v, v) = p(x2 | x1); draft q1, q2 likewise.
+    Returns (counts (v, v), expected joint p1[x1] p2[x1, x2])."""
+    g = torch.Generator().manual_seed(seed)
+    p1, q1 = torch.rand(v, generator=g).softmax(0), torch.rand(v, generator=g).softmax(0)
+    p2, q2 = (3 * torch.rand(v, v, generator=g)).softmax(1), (3 * torch.rand(v, v, generator=g)).softmax(1)
+    d1 = torch.multinomial(q1.expand(trials, v), 1, generator=g)[:, 0]
+    d2 = torch.multinomial(q2[d1], 1, generator=g)[:, 0]
+    P = torch.stack([p1.expand(trials, v), p2[d1], p2[d2]], dim=1)  # the bonus row's table does not matter here
+    n, nxt = accept(P, torch.stack([q1.expand(trials, v), q2[d1]], 1), torch.stack([d1, d2], 1), 1.0, g)
+    x1 = torch.where(n >= 1, d1, nxt)
+    e = torch.multinomial(q2[x1], 1, generator=g)[:, 0]  # a second round, K=1, for rows that need it
+    m, nxt2 = accept(torch.stack([p2[x1], p2[e]], 1), q2[x1][:, None], e[:, None], 1.0, g)
+    x2 = torch.where(n >= 2, d2, torch.where(n == 1, nxt, torch.where(m >= 1, e, nxt2)))
+    counts = torch.bincount(x1 * v + x2, minlength=v * v).double()
+    return counts, (p1[:, None] * p2).flatten().double() * trials
+
+
+def chi_square_critical(df, z=3.09):  # Wilson-Hilferty: the p = 0.001 critical value
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    counts, expected = two_token_samples(speculative.accept_drafts)
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < chi_square_critical(24), chi2
+
+
+def test_chi_square_catches_a_wrong_acceptance_rule():
+    """The companion: resampling from p instead of the residual max(0, p - q) after a rejection is
+    the classic mistake; the same test statistic rejects it by a wide margin."""
+
+    def wrong(p, q, drafts, temperature, generator):
+        n, _ = speculative.accept_drafts(p, q, drafts, temperature, generator)
+        rows = p.gather(1, n[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]
+        return n, torch.multinomial(rows, 1, generator=generator)[:, 0]
+
+    counts, expected = two_token_samples(wrong)
+    assert ((counts - expected) ** 2 / expected).sum().item() > 3 * chi_square_critical(24)

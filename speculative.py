@@ -1,0 +1,360 @@
+"""
+Speculative decoding for hybrids (The Mamba in the Llama, §4, Algorithm 2).
+
+    python speculative.py                       plain vs speculative decoding of each hybrid, greedy
+                                                and sampled, K in {2, 3, 4, 6}, over validation prompts
+    python speculative.py --prompt="HAMLET."    decode one prompt both ways and show the text
+    python speculative.py --bench=context       decode speed and cache memory as the context grows
+
+A small Transformer draft (out/<preset>/draft.pt, made by `python distill.py`) proposes K tokens; the
+hybrid scores all K+1 positions in one pass. Attention layers append K+1 KV entries and drop the
+rejected ones; Mamba layers keep one committed state and replay the accepted tokens inside the next
+verification kernel (Algorithm 2). On a GPU every step is replayed as a CUDA graph.
+"""
+import math
+import os
+import sys
+import time
+
+import torch
+
+import distill
+import kernels
+import mil
+
+DEFAULTS = dict(
+    preset="auto",  # which distill.py run to load: cpu | gpu | auto
+    device="auto",
+    scan="auto",
+    out_dir="",  # default: out/<preset>
+    models="attn50,attn25",  # the targets to benchmark
+    k="2,3,4,6",  # draft lengths
+    temperature="0,1",  # 0: greedy (output identical to the target's); > 0: exact rejection sampling
+    top_k=0,
+    prompts=20,  # validation prompts per configuration
+    prompt_tokens=64,
+    max_new_tokens=0,  # 0: 128 on GPU, 24 on CPU
+    prompt="",  # decode this text instead of benchmarking
+    bench="speculative",  # speculative | context
+    graphs=True,  # CUDA graphs on GPU
+    seed=1337,
+)
+
+
+# -----------------------------------------------------------------------------------------------
+# One forward of fixed shape, replayed as a CUDA graph on GPU
+
+
+class Stepper:
+    """model(tokens (b, l)) with the caches, for a fixed l. On GPU it is captured once as a CUDA graph:
+    the caches' device-side positions make the same graph valid at every step."""
+
+    def __init__(self, model, caches, length, graph, batch=1):
+        self.model, self.caches, self.length, self.graph = model, caches, length, None
+        if not graph:
+            return
+        self.tokens = torch.zeros(batch, length, dtype=torch.long, device=caches[0].pos.device)
+        saved = [({k: v.clone() for k, v in vars(c).items() if torch.is_tensor(v)}, c.len, c.last) for c in caches]
+
+        def restore():
+            for c, (tensors, n, last) in zip(caches, saved):
+                for k, v in tensors.items():
+                    getattr(c, k).copy_(v)
+                c.len, c.last = n, last
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the graph
+            for _ in range(2):
+                model(self.tokens, caches=caches)
+                restore()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, caches=caches)[0]
+        restore()
+
+    def __call__(self, tokens):  # (b, l) -> logits (b, l, v)
+        if self.graph is None:
+            return self.model(tokens, caches=self.caches)[0]
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        for c in self.caches:  # the Python side of what the graph did on the device
+            c.len, c.last = c.len + self.length, self.length
+        return self.logits
+
+
+@torch.no_grad()
+def plain_generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, generator=None, graphs=False):
+    """generate() with the one-token step as a CUDA graph. prompt (1, l) -> (1, l + max_new_tokens)."""
+    caches = model.new_caches(1, prompt.shape[1] + max_new_tokens)
+    logits = model(prompt, caches=caches)[0][:, -1]
+    step = Stepper(model, caches, 1, graphs)
+    out = [prompt]
+    for _ in range(max_new_tokens):
+        out.append(mil.sample(logits, temperature, top_k, generator))
+        logits = step(out[-1])[:, -1]
+    return torch.cat(out, dim=1)
+
+
+# -----------------------------------------------------------------------------------------------
+# Speculative decoding
+
+
+def accept_drafts(p, q, drafts, temperature, generator=None):
+    """The acceptance rule, batched over rows. p (b, K+1, v): target probabilities at the K+1
+    verified positions; q (b, K, v): the draft's; drafts (b, K). Returns (n accepted (b,), next (b,)).
+    Greedy: accept while the draft is the target's argmax, then the target's own token. Sampling
+    (Leviathan et al. 2023): accept draft x with probability min(1, p(x) / q(x)); at the first
+    rejection sample from the normalized max(0, p - q); after K accepted, a bonus token from p."""
+    if temperature == 0:
+        best = p.argmax(-1)  # (b, K+1)
+        n = (drafts == best[:, :-1]).long().cumprod(-1).sum(-1)
+        return n, best.gather(1, n[:, None])[:, 0]
+    p_x = p[:, :-1].gather(-1, drafts[..., None])[..., 0]  # (b, K)
+    q_x = q.gather(-1, drafts[..., None])[..., 0]
+    r = torch.rand(drafts.shape, generator=generator, device=p.device)
+    n = (r * q_x <= p_x).long().cumprod(-1).sum(-1)
+    residual = torch.cat([(p[:, :-1] - q).clamp(min=0), p[:, -1:]], dim=1)  # (b, K+1, v): row K is the bonus
+    dist = residual.gather(1, n[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]  # (b, v)
+    dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p.gather(1, n[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0])
+    return n, torch.multinomial(dist, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0.0, top_k=0, generator=None,
+                         graphs=False):
+    """prompt (1, l >= 2) -> (1, l + max_new_tokens) and stats. The target keeps its last token
+    pending (not yet in its cache): each verification scores [pending, d_1 .. d_K]."""
+    assert prompt.shape[0] == 1 and prompt.shape[1] >= 2, "batch 1, at least two prompt tokens"
+    assert all(isinstance(b.mixer, mil.Attention) for b in draft.layers), "the draft is a Transformer"
+    max_len = prompt.shape[1] + max_new_tokens + k + 2
+    t_caches, d_caches = target.new_caches(1, max_len, draft_len=k), draft.new_caches(1, max_len)
+    target(prompt[:, :-1], caches=t_caches)
+    draft(prompt[:, :-1], caches=d_caches)
+    verify = Stepper(target, t_caches, k + 1, graphs)
+    draft_steps = {1: Stepper(draft, d_caches, 1, graphs), 2: Stepper(draft, d_caches, 2, graphs)}
+    out, pending, feed = [prompt], prompt[:, -1:], prompt[:, -1:]  # feed: accepted tokens the draft has not seen
+    produced = rounds = accepted = tested = 0
+    while produced < max_new_tokens:
+        # the draft proposes K tokens
+        base = d_caches[0].len + feed.shape[1]
+        logits = draft_steps[feed.shape[1]](feed)[:, -1]
+        drafts, qs = [], []
+        for i in range(k):
+            qs.append(mil.probabilities(logits, temperature, top_k) if temperature > 0 else logits)
+            drafts.append(mil.sample(logits, temperature, top_k, generator))
+            if i < k - 1:
+                logits = draft_steps[1](drafts[-1])[:, -1]
+        drafts = torch.cat(drafts, dim=1)  # (1, K)
+        # the target scores the K+1 positions in one pass and accepts a prefix
+        t_logits = verify(torch.cat([pending, drafts], dim=1))  # (1, K+1, v)
+        p = mil.probabilities(t_logits, temperature, top_k) if temperature > 0 else t_logits
+        n, nxt = accept_drafts(p, torch.stack(qs, dim=1), drafts, temperature, generator)
+        n = int(n)
+        for c in t_caches:
+            c.accept(n + 1)  # pending and the n accepted drafts
+        for c in d_caches:
+            c.truncate(base + min(n, k - 1))
+        feed = torch.cat([drafts[:, -1:], nxt[:, None]], dim=1) if n == k else nxt[:, None]
+        pending = nxt[:, None]
+        out += [drafts[:, :n], pending]
+        produced, rounds, accepted, tested = produced + n + 1, rounds + 1, accepted + n, tested + min(n + 1, k)
+    tokens = torch.cat(out, dim=1)[:, :prompt.shape[1] + max_new_tokens]
+    return tokens, dict(rounds=rounds, accepted=accepted, tested=tested, produced=produced)
+
+
+# -----------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t0
+
+
+def step_time(model, device, graphs, context=64, steps=50):
+    """Seconds per one-token decode step (CUDA graph on GPU)."""
+    caches = model.new_caches(1, context + steps + 8)
+    model(torch.zeros(1, context, dtype=torch.long, device=device), caches=caches)
+    step = Stepper(model, caches, 1, graphs)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+    step(tok)
+    _, dt = timed(lambda: [step(tok) for _ in range(steps)], device)
+    return dt / steps
+
+
+def load(cfg, name):
+    path = os.path.join(cfg["out_dir"], name + ".pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} is missing: run `python distill.py --preset={cfg['preset']}` first")
+    model = mil.load_model(path, device=cfg["device"])[0].eval()
+    return model.to(torch.bfloat16) if cfg["device"] == "cuda" else model
+
+
+def benchmark(cfg, data, draft):
+    dev = torch.device(cfg["device"])
+    graphs = cfg["graphs"] and dev.type == "cuda"
+    windows = data.val_windows(cfg["prompt_tokens"] - 1, cfg["prompts"])  # prompts from the held-out works
+    ks = [int(k) for k in cfg["k"].split(",")]
+    temps = [float(t) for t in cfg["temperature"].split(",")]
+    n_new = cfg["max_new_tokens"]
+    rows = ["| model | decoding | K | plain tokens/s | speculative tokens/s | acceptance a | tokens / verification "
+            "| draft cost c | predicted speedup | measured speedup |", "|" + " --- |" * 10]
+    for name in cfg["models"].split(","):
+        target = load(cfg, name)
+        c = step_time(draft, dev, graphs) / step_time(target, dev, graphs)
+        for temp in temps:
+            gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
+            plain_time = 0.0
+            plain_out = []
+            for w in windows:
+                out, dt = timed(lambda: plain_generate(target, w[None], n_new, temp, cfg["top_k"], gen, graphs), dev)
+                plain_time, plain_out = plain_time + dt, plain_out + [out]
+            plain_tps = len(windows) * n_new / plain_time
+            for k in ks:
+                spec_time, stats, diverged = 0.0, dict(rounds=0, accepted=0, tested=0), []
+                for i, w in enumerate(windows):
+                    (out, st), dt = timed(lambda: speculative_generate(target, draft, w[None], n_new, k, temp, cfg["top_k"],
+                                                                       gen, graphs), dev)
+                    spec_time += dt
+                    for key in stats:
+                        stats[key] += st[key]
+                    if temp == 0 and not torch.equal(out, plain_out[i]):
+                        diverged.append(first_divergence(target, out, plain_out[i], w.shape[0]))
+                a = stats["accepted"] / max(1, stats["tested"])
+                per_verify = len(windows) * n_new / stats["rounds"]
+                predicted = (1 - a ** (k + 1)) / (1 - a) / (k * c + 1) if a < 1 else (k + 1) / (k * c + 1)
+                spec_tps = len(windows) * n_new / spec_time
+                rows.append(f"| {name} | {'greedy' if temp == 0 else f'T={temp:g}'} | {k} | {plain_tps:.0f} | "
+                            f"{spec_tps:.0f} | {a:.2f} | {per_verify:.2f} | {c:.2f} | {predicted:.2f}x | "
+                            f"{spec_tps / plain_tps:.2f}x |")
+                for d in diverged:
+                    print(f"  {name} K={k}: greedy output diverged from plain decoding at {d}")
+                print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+@torch.no_grad()
+def first_divergence(target, a, b, prompt_len):
+    """Where two greedy outputs part, and the target's top-2 logit gap there (a near tie in bf16)."""
+    i = int((a[0] != b[0]).nonzero()[0])
+    logits = target(a[:, :i])[0][0, -1].float()
+    top = logits.topk(2).values
+    return f"token {i - prompt_len} (top-2 logit gap {float(top[0] - top[1]):.4f})"
+
+
+# -----------------------------------------------------------------------------------------------
+# Why hybrids: decode speed and cache memory as the context grows
+
+
+def context_benchmark(cfg):
+    """The teacher and the 50/25/12.5/0% hybrids of the gpu preset's architecture (random weights:
+    speed depends only on the architecture). Decode: the caches are set to hold `context` positions
+    and one-token steps are timed (CUDA graphs); memory: what the allocator holds for the caches.
+    Prefill: one forward of `context` tokens at batch 1."""
+    dev = torch.device(cfg["device"])
+    gpu = dev.type == "cuda"
+    arch = {k: distill.PRESETS["gpu" if gpu else "cpu"][k] for k in ("n_layer", "d_model", "n_head", "n_kv_head")}
+    contexts = [512 * 2 ** i for i in range(7)] if gpu else [64, 128, 256]
+    batches, steps = ((1, 64), 20) if gpu else ((1, 4), 4)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    rows = ["| model | attention layers | batch | context | decode tokens/s | cache MiB / sequence | prefill ms (batch 1) |",
+            "|" + " --- |" * 7]
+    for frac in (1.0, 0.5, 0.25, 0.125, 0.0):
+        mcfg = mil.Config(**arch, attn_layers=mil.kept_attention(arch["n_layer"], frac))
+        model = mil.Model(mcfg).to(dev, dtype).eval()
+        name = "teacher" if frac == 1 else f"{frac:.1%} attention".replace(".0%", "%")
+        for batch in batches:
+            for context in contexts:
+                cell = measure_context(model, batch, context, steps, dev, cfg["graphs"] and gpu)
+                rows.append(f"| {name} | {len(mcfg.attn_layers)} | {batch} | {context} | {cell} |")
+                print(rows[-1], flush=True)
+        del model
+    table = "\n".join(rows)
+    print(table)
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    mil.atomic_write(lambda f: f.write(table.encode() + b"\n"), os.path.join(cfg["out_dir"], "context.md"))
+
+
+@torch.no_grad()
+def measure_context(model, batch, context, steps, dev, graphs):
+    gpu = dev.type == "cuda"
+    try:
+        if gpu:
+            torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated() if gpu else 0
+        caches = model.new_caches(batch, context + steps + 2)
+        cache_mib = (torch.cuda.memory_allocated() - before) / batch / 2 ** 20 if gpu else \
+            sum(t.numel() * t.element_size() for c in caches for t in vars(c).values() if torch.is_tensor(t)) / batch / 2 ** 20
+        for c in caches:  # as if `context` tokens had been decoded: speed does not depend on their values
+            c.len = context
+            c.pos.fill_(context)
+        step = Stepper(model, caches, 1, graphs, batch)
+        tok = torch.randint(0, model.cfg.vocab_size, (batch, 1), device=dev)
+        step(tok)
+        _, dt = timed(lambda: [step(tok) for _ in range(steps)], dev)
+        del caches, step
+        prefill = "-"
+        if batch == 1:
+            idx = torch.randint(0, model.cfg.vocab_size, (1, context), device=dev)
+            caches = model.new_caches(1, context)
+            model(idx[:, :16], caches=model.new_caches(1, 16))  # warm-up (kernel compilation)
+            _, pt = timed(lambda: model(idx, caches=caches), dev)
+            prefill = f"{pt * 1000:.1f}"
+        return f"{batch * steps / dt:,.0f} | {cache_mib:.2f} | {prefill}"
+    except torch.cuda.OutOfMemoryError:
+        return "out of memory | - | -"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "auto")
+    cfg = mil.parse_options(DEFAULTS, argv, __doc__)
+    cfg["preset"] = preset if preset != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join(mil.HERE, "out", cfg["preset"])
+    cfg["max_new_tokens"] = cfg["max_new_tokens"] or (128 if cfg["device"] == "cuda" else 24)
+    kernels.BACKEND = cfg["scan"]
+    torch.manual_seed(cfg["seed"])
+    dev = torch.device(cfg["device"])
+    if cfg["bench"] == "context":
+        return context_benchmark(cfg)
+    if cfg["bench"] != "speculative":
+        raise SystemExit(f"--bench takes speculative or context; got {cfg['bench']!r}")
+    draft = load(cfg, "draft")
+    data = distill.Data(dev, draft.cfg.block_size)
+    if cfg["prompt"]:
+        ids = data.tok.encode(cfg["prompt"])
+        if len(ids) > draft.cfg.block_size or len(ids) < 2:
+            raise SystemExit(f"the prompt is {len(ids)} tokens; it must be 2 to {draft.cfg.block_size} (the context)")
+        target = load(cfg, cfg["models"].split(",")[0])
+        prompt = torch.tensor([ids], device=dev)
+        temp, k = float(cfg["temperature"].split(",")[0]), int(cfg["k"].split(",")[0])
+        gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
+        graphs = cfg["graphs"] and dev.type == "cuda"
+        plain, t_plain = timed(lambda: plain_generate(target, prompt, cfg["max_new_tokens"], temp, cfg["top_k"], gen, graphs), dev)
+        (spec, st), t_spec = timed(lambda: speculative_generate(target, draft, prompt, cfg["max_new_tokens"], k, temp,
+                                                                cfg["top_k"], gen, graphs), dev)
+        print(f"plain ({t_plain:.2f}s):\n{data.tok.decode(plain[0].tolist())}\n")
+        print(f"speculative, K={k} ({t_spec:.2f}s, {st['accepted']} of {st['tested']} tested drafts accepted, "
+              f"{st['rounds']} verifications):\n{data.tok.decode(spec[0].tolist())}")
+        return
+    print(f"speculative decoding on {cfg['device']} ({'CUDA graphs' if cfg['graphs'] and dev.type == 'cuda' else 'eager'}), "
+          f"{cfg['prompts']} validation prompts of {cfg['prompt_tokens']} tokens, {cfg['max_new_tokens']} new tokens each")
+    table = benchmark(cfg, data, draft)
+    print(table)
+    mil.atomic_write(lambda f: f.write(table.encode() + b"\n"), os.path.join(cfg["out_dir"], "speculative.md"))
+
+
+if __name__ == "__main__":
+    main()
