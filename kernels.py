@@ -24,7 +24,7 @@ try:
     import triton.language as tl
     HAVE_TRITON = True
 except ImportError:  # e.g. macOS: the reference is the only path, and `use_triton` says so
-    triton, tl, HAVE_TRITON = SimpleNamespace(jit=lambda f: f), SimpleNamespace(constexpr=int), False
+    triton, tl, HAVE_TRITON = SimpleNamespace(jit=lambda f: f), SimpleNamespace(constexpr=float), False
 
 BACKEND = "auto"  # auto: Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1); ref: the loop
 CHUNK = 64  # time steps per chunk: the forward saves the state at chunk starts for the backward
@@ -102,7 +102,7 @@ def selective_state_verify_ref(state, x_prev, dt_prev, B_prev, replay, x, dt, A,
 # time step by step. Why not `tl.associative_scan` along time: see the README (it does more work and
 # moves a [channels, states, time] tile through registers; the sequential walk does the minimum).
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
