@@ -28,8 +28,8 @@ except ImportError:  # e.g. macOS: the reference is the only path, and `use_trit
 
 BACKEND = "auto"  # auto: Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1); ref: the loop
 CHUNK = 64  # time steps per chunk: the forward saves the state at chunk starts for the backward
-STATES = 256  # states (channels x d_state) per program ...
-WARPS = 4  # ... and warps per program: the launch shape, chosen by the sweep in `python kernels.py`
+CHANNELS = 32  # channels per program ...
+WARPS = 1  # ... and warps per program: the launch shape, chosen by the sweep in `python kernels.py`
 POISON = False  # tests set it: outputs start as NaN, so an element a kernel forgets to write fails
 
 # -----------------------------------------------------------------------------------------------
@@ -98,8 +98,10 @@ def selective_state_verify_ref(state, x_prev, dt_prev, B_prev, replay, x, dt, A,
 
 # -----------------------------------------------------------------------------------------------
 # Triton kernels. One program owns BLOCK_D channels of one batch row (all in one group, so they share
-# B_t and C_t) and keeps their states, a [BLOCK_D, BLOCK_N] float32 tile, in registers while it walks
-# time step by step. Why not `tl.associative_scan` along time: see the README (it does more work and
+# B_t and C_t) and keeps their states, a [BLOCK_N, BLOCK_D] float32 tile, in registers while it walks
+# time step by step. With one warp and BLOCK_D = 16 or 32, each thread holds one channel's states (or
+# half of them): the sum over n stays in the thread, and nothing is exchanged across the warp but the
+# backward's dB and dC sums over channels. Why not `tl.associative_scan` along time: see the README (it does more work and
 # moves a [channels, states, time] tile through registers; the sequential walk does the minimum).
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
@@ -122,18 +124,18 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     n = tl.arange(0, BLOCK_N)
     mn = n < N
     g = (pd * BLOCK_D) // REP  # their group
-    dn = d[:, None] * N + n[None, :]  # offsets into (di, n) tensors
+    dn = d[None, :] * N + n[:, None]  # offsets into (di, n) tensors
     # stage 1: per-channel constants, A pre-scaled so that exp(dt * A) = exp2(dt * A2)
-    A2 = tl.load(A_ptr + dn, mask=mn[None, :], other=0.0) * LOG2E
+    A2 = tl.load(A_ptr + dn, mask=mn[:, None], other=0.0) * LOG2E
     Dv = tl.load(D_ptr + d) if HAS_D else 0.0
     bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
-    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + b * DI * N + dn, mask=mn[None, :], other=0.0)
+        h = tl.load(h0_ptr + b * DI * N + dn, mask=mn[:, None], other=0.0)
     u_p, t_p, z_p = u_ptr + b * s_ub + d * s_ud, dt_ptr + b * s_tb + d * s_td, z_ptr + b * s_zb + d * s_zd
     B_p, C_p = B_ptr + b * s_Bb + g * s_Bg + n * s_Bn, C_ptr + b * s_Cb + g * s_Cg + n * s_Cn
     o_p = out_ptr + b * s_ob + d * s_od
-    hc_p = hc_ptr + (b * DI * n_chunks + d[:, None] * n_chunks) * N + n[None, :]  # (b, di, chunks, n)
+    hc_p = hc_ptr + (b * DI * n_chunks + d[None, :] * n_chunks) * N + n[:, None]  # (b, di, chunks, n)
     # stage 2: load step 0; each step then prefetches the next one before it computes
     u = tl.load(u_p).to(tl.float32)
     dt = tl.load(t_p).to(tl.float32)
@@ -142,7 +144,7 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     z = tl.load(z_p).to(tl.float32) if HAS_Z else 0.0
     for t in range(L):
         if t % CHUNK == 0:  # the backward restarts each chunk from here
-            tl.store(hc_p + (t // CHUNK) * N, h, mask=mn[None, :])
+            tl.store(hc_p + (t // CHUNK) * N, h, mask=mn[:, None])
         nxt_d, nxt_n = (d * 0 + t + 1) < L, mn & ((n * 0 + t + 1) < L)
         u_n = tl.load(u_p + (t + 1) * s_ul, mask=nxt_d, other=0.0)
         dt_n = tl.load(t_p + (t + 1) * s_tl, mask=nxt_d, other=0.0)
@@ -153,15 +155,15 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         dt = dt + bias
         if SOFTPLUS:
             dt = _softplus(dt)
-        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
-        y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+        h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
+        y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
         if HAS_Z:
             y = y * z * tl.sigmoid(z)
         tl.store(o_p + t * s_ol, y.to(out_ptr.dtype.element_ty))
         u, dt, Bt, Ct = u_n.to(tl.float32), dt_n.to(tl.float32), B_n.to(tl.float32), C_n.to(tl.float32)
         if HAS_Z:
             z = z_n.to(tl.float32)
-    tl.store(last_ptr + b * DI * N + dn, h, mask=mn[None, :])
+    tl.store(last_ptr + b * DI * N + dn, h, mask=mn[:, None])
 
 
 @triton.jit
@@ -181,10 +183,10 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     n = tl.arange(0, BLOCK_N)
     mn = n < N
     g = (pd * BLOCK_D) // REP
-    dn = d[:, None] * N + n[None, :]
-    tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
+    dn = d[None, :] * N + n[:, None]
+    tile = n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # [n, d], coalesced along d
     scratch = scratch_ptr + (b * tl.num_programs(1) + pd) * (CHUNK + 1) * BLOCK_D * BLOCK_N + tile
-    A = tl.load(A_ptr + dn, mask=mn[None, :], other=0.0)
+    A = tl.load(A_ptr + dn, mask=mn[:, None], other=0.0)
     A2 = A * LOG2E
     Dv = tl.load(D_ptr + d) if HAS_D else 0.0
     bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
@@ -193,8 +195,8 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     o_p = dout_ptr + b * s_ob + d * s_od
     B_p, C_p = B_ptr + b * s_Bb + g * s_Bg + n * s_Bn, C_ptr + b * s_Cb + g * s_Cg + n * s_Cn
     dBC = (b * (DI // REP) + g) * N * L + n * L  # dB, dC are float32 (b, g, n, l) contiguous
-    dh = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dA = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dh = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dA = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dD = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(n_chunks):
@@ -202,7 +204,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         t0 = c * CHUNK
         steps = tl.minimum(CHUNK, L - t0)
         # stage 1: recompute this chunk's states h_{t0-1} .. h_{t0+steps-1} into the scratch
-        h = tl.load(hc_ptr + (b * DI * n_chunks + d[:, None] * n_chunks + c) * N + n[None, :], mask=mn[None, :], other=0.0)
+        h = tl.load(hc_ptr + (b * DI * n_chunks + d[None, :] * n_chunks + c) * N + n[:, None], mask=mn[:, None], other=0.0)
         tl.store(scratch, h)
         for s in range(steps):
             t = t0 + s
@@ -211,7 +213,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                 dt = _softplus(dt)
             u = tl.load(u_p + t * s_ul).to(tl.float32)
             Bt = tl.load(B_p + t * s_Bl, mask=mn, other=0.0).to(tl.float32)
-            h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bt[None, :]
+            h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
             tl.store(scratch + (s + 1) * BLOCK_D * BLOCK_N, h)
         tl.debug_barrier()
         # stage 2: walk back through the chunk; h is h_t, h_prev is h_{t-1}
@@ -227,19 +229,19 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
             dy = tl.load(o_p + t * s_ol).to(tl.float32)
             if HAS_Z:  # out = y * silu(z): split dout into dy and dz
                 z = tl.load(z_p + t * s_zl).to(tl.float32)
-                y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
                 sz = tl.sigmoid(z)
                 tl.store(dz_p + t * s_zl, (dy * y * sz * (1.0 + z * (1.0 - sz))).to(dz_ptr.dtype.element_ty))
                 dy = dy * z * sz
-            a = tl.exp2(dt[:, None] * A2)
-            dh += dy[:, None] * Ct[None, :]  # dL/dh_t
-            tl.atomic_add(dC_ptr + dBC + t, tl.sum(dy[:, None] * h, axis=0), mask=mn)
-            tl.atomic_add(dB_ptr + dBC + t, tl.sum(dh * (dt * u)[:, None], axis=0), mask=mn)
-            dhB = tl.sum(dh * Bt[None, :], axis=1)
+            a = tl.exp2(dt[None, :] * A2)
+            dh += dy[None, :] * Ct[:, None]  # dL/dh_t
+            tl.atomic_add(dC_ptr + dBC + t, tl.sum(dy[None, :] * h, axis=1), mask=mn)
+            tl.atomic_add(dB_ptr + dBC + t, tl.sum(dh * (dt * u)[None, :], axis=1), mask=mn)
+            dhB = tl.sum(dh * Bt[:, None], axis=0)
             da = dh * h_prev * a  # dL/d(dt * A)
-            ddt = dhB * u + tl.sum(da * A, axis=1)
+            ddt = dhB * u + tl.sum(da * A, axis=0)
             tl.store(du_p + t * s_ul, (dhB * dt + dy * Dv).to(du_ptr.dtype.element_ty))
-            dA += da * dt[:, None]
+            dA += da * dt[None, :]
             dD += dy * u
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(dt_raw)
@@ -248,10 +250,10 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
             dh = dh * a  # dL/dh_{t-1}, through the decay
             h = h_prev
         tl.debug_barrier()  # the next chunk overwrites the scratch
-    tl.store(dA_ptr + b * DI * N + dn, dA, mask=mn[None, :])  # per-batch partials, summed by the caller
+    tl.store(dA_ptr + b * DI * N + dn, dA, mask=mn[:, None])  # per-batch partials, summed by the caller
     tl.store(dD_ptr + b * DI + d, dD)
     tl.store(dbias_ptr + b * DI + d, dbias)
-    tl.store(dh0_ptr + b * DI * N + dn, dh, mask=mn[None, :])
+    tl.store(dh0_ptr + b * DI * N + dn, dh, mask=mn[:, None])
 
 
 @triton.jit
@@ -265,9 +267,9 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bi
     n = tl.arange(0, BLOCK_N)
     mn = n < N
     g = (pd * BLOCK_D) // REP
-    sp = state_ptr + b * DI * N + d[:, None] * N + n[None, :]
-    h = tl.load(sp, mask=mn[None, :], other=0.0)
-    A2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mn[None, :], other=0.0) * LOG2E
+    sp = state_ptr + b * DI * N + d[None, :] * N + n[:, None]
+    h = tl.load(sp, mask=mn[:, None], other=0.0)
+    A2 = tl.load(A_ptr + d[None, :] * N + n[:, None], mask=mn[:, None], other=0.0) * LOG2E
     x = tl.load(x_ptr + b * s_xb + d * s_xd).to(tl.float32)
     dt = tl.load(dt_ptr + b * s_tb + d * s_td).to(tl.float32)
     if HAS_BIAS:
@@ -276,9 +278,9 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bi
         dt = _softplus(dt)
     Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + n * s_Bn, mask=mn, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + b * s_Cb + g * s_Cg + n * s_Cn, mask=mn, other=0.0).to(tl.float32)
-    h = tl.exp2(dt[:, None] * A2) * h + (dt * x)[:, None] * Bt[None, :]
-    tl.store(sp, h, mask=mn[None, :])
-    y = tl.sum(h * Ct[None, :], axis=1)
+    h = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
+    tl.store(sp, h, mask=mn[:, None])
+    y = tl.sum(h * Ct[:, None], axis=0)
     if HAS_D:
         y += tl.load(D_ptr + d) * x
     if HAS_Z:
@@ -302,9 +304,9 @@ def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr,
     n = tl.arange(0, BLOCK_N)
     mn = n < N
     g = (pd * BLOCK_D) // REP
-    sp = state_ptr + b * DI * N + d[:, None] * N + n[None, :]
-    h = tl.load(sp, mask=mn[None, :], other=0.0)
-    A2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mn[None, :], other=0.0) * LOG2E
+    sp = state_ptr + b * DI * N + d[None, :] * N + n[:, None]
+    h = tl.load(sp, mask=mn[:, None], other=0.0)
+    A2 = tl.load(A_ptr + d[None, :] * N + n[:, None], mask=mn[:, None], other=0.0) * LOG2E
     bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d) if HAS_D else 0.0
     replay = tl.load(replay_ptr + b)
@@ -315,9 +317,9 @@ def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr,
         if SOFTPLUS:
             dt = _softplus(dt)
         Bt = tl.load(Bp_ptr + b * s_Pb + g * s_Pg + n * s_Pn + i * s_Pw, mask=mn, other=0.0).to(tl.float32)
-        h_next = tl.exp2(dt[:, None] * A2) * h + (dt * x)[:, None] * Bt[None, :]
+        h_next = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
         h = tl.where(i < replay, h_next, h)
-    tl.store(sp, h, mask=mn[None, :])
+    tl.store(sp, h, mask=mn[:, None])
     # stage 2: the new tokens, outputs only
     for t in range(L):
         x = tl.load(x_ptr + b * s_xb + d * s_xd + t * s_xl).to(tl.float32)
@@ -326,8 +328,8 @@ def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr,
             dt = _softplus(dt)
         Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + n * s_Bn + t * s_Bl, mask=mn, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptr + b * s_Cb + g * s_Cg + n * s_Cn + t * s_Cl, mask=mn, other=0.0).to(tl.float32)
-        h = tl.exp2(dt[:, None] * A2) * h + (dt * x)[:, None] * Bt[None, :]
-        y = tl.sum(h * Ct[None, :], axis=1) + Dv * x
+        h = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
+        y = tl.sum(h * Ct[:, None], axis=0) + Dv * x
         if HAS_Z:
             z = tl.load(z_ptr + b * s_zb + d * s_zd + t * s_zl).to(tl.float32)
             y = y * z * tl.sigmoid(z)
@@ -339,14 +341,13 @@ def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr,
 
 
 def _blocks(di, groups, n):
-    """BLOCK_D: a power of two dividing the channels per group (so a program has one group), about
-    256 states per program; BLOCK_N: n rounded up to a power of two."""
+    """BLOCK_D: the largest power of two up to CHANNELS that divides the channels per group (so that a
+    program has one group); BLOCK_N: n rounded up to a power of two."""
     assert di % groups == 0, f"dim {di} is not a multiple of groups {groups}"
-    rep, block_n = di // groups, triton.next_power_of_2(n)
-    block_d = 1
-    while rep % (2 * block_d) == 0 and 2 * block_d * block_n <= max(STATES, block_n):
+    rep, block_d = di // groups, 1
+    while rep % (2 * block_d) == 0 and 2 * block_d <= CHANNELS:
         block_d *= 2
-    return block_d, block_n
+    return block_d, triton.next_power_of_2(n)
 
 
 def _alloc_like(t):  # same strides as t, so that a kernel can index both with t's strides
@@ -436,7 +437,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     _step_kernel[(b, di // block_d)](
         state, x, dt, A, B, C, D.float() if D is not None else A, zz, dt_bias.float() if dt_bias is not None else A,
         out, di, n, di // g, *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), out.stride(0), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n)
+        SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
     return out
 
 
@@ -455,7 +456,7 @@ def selective_state_verify(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, 
         dt_bias.float() if dt_bias is not None else A, out, W, L, di, n, di // g, *x_prev.stride(), *B_prev.stride(),
         *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        BLOCK_D=block_d, BLOCK_N=block_n)
+        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
     return out
 
 
@@ -538,6 +539,8 @@ def benchmark():
     bw = 2 * x.numel() / bench(lambda: x.clone())
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     del x
+    if cuda:
+        sweep(bench)
     shapes = {"S1": (8, 2048, 16, 1, 2048), "S2": (8, 2048, 64, 32, 2048), "S3": (8, 2048, 16, 1, 8192)} if cuda else \
         {"smoke": (1, 16, 4, 2, 64)}
     print("\n| shape | pass | Triton us | floor us | x floor | reference us | speedup | PyTorch parallel us | speedup |")
@@ -601,15 +604,14 @@ def benchmark():
                   f"- | {t_naive / t_fused:.1f}x |")
     if cuda:
         training_speed()
-        sweep(bench)
 
 
 def sweep(bench):
     """The launch shape: states per program x warps, forward and backward, S1 and S2."""
-    global STATES, WARPS
-    chosen = STATES, WARPS
-    print("\n| states / program | warps | S1 fwd us | S1 bwd us | S2 fwd us | S2 bwd us |\n| --- | --- | --- | --- | --- | --- |")
-    for STATES, WARPS in itertools.product((256, 512, 1024), (2, 4, 8)):
+    global CHANNELS, WARPS
+    totals = {}
+    print("\n| channels / program | warps | S1 fwd us | S1 bwd us | S2 fwd us | S2 bwd us |\n| --- | --- | --- | --- | --- | --- |")
+    for CHANNELS, WARPS in ((16, 1), (32, 1), (32, 2), (64, 1), (64, 2), (128, 4)):
         cells = []
         for b, di, n, g, L in ((8, 2048, 16, 1, 2048), (8, 2048, 64, 32, 2048)):
             r = lambda *s: torch.randn(*s, device="cuda")
@@ -619,8 +621,10 @@ def sweep(bench):
             y = selective_scan(**leaves, delta_softplus=True)
             dy = torch.randn_like(y)
             cells += [bench(lambda: selective_scan(**leaves, delta_softplus=True)), bench(lambda: y.backward(dy, retain_graph=True))]
-        print(f"| {STATES} | {WARPS} | " + " | ".join(f"{t * 1e6:.0f}" for t in cells) + " |", flush=True)
-    STATES, WARPS = chosen
+        print(f"| {CHANNELS} | {WARPS} | " + " | ".join(f"{t * 1e6:.0f}" for t in cells) + " |", flush=True)
+        totals[CHANNELS, WARPS] = sum(cells)
+    CHANNELS, WARPS = min(totals, key=totals.get)
+    print(f"the table below uses {CHANNELS} channels per program, {WARPS} warp(s)")
 
 
 def training_speed():
