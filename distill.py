@@ -28,9 +28,9 @@ PRESETS = {
     "cpu": dict(n_layer=8, d_model=64, n_head=4, n_kv_head=2, block_size=64, batch_size=16,
                 teacher_steps=800, eval_every=100, lr=3e-3, distill_steps=100, distill_lr=2e-3,
                 ft_steps=40, draft_steps=100, ablate_steps=40, eval_windows=64),
-    "gpu": dict(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, batch_size=64,
-                teacher_steps=1500, eval_every=100, lr=2e-3, distill_steps=400, distill_lr=1e-3,
-                ft_steps=150, draft_steps=400, ablate_steps=200, eval_windows=236),
+    "gpu": dict(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, batch_size=32,
+                teacher_steps=1200, eval_every=100, lr=2e-3, distill_steps=300, distill_lr=1e-3,
+                ft_steps=100, draft_steps=300, ablate_steps=150, eval_windows=236),
 }
 DEFAULTS = dict(
     preset="auto",  # cpu | gpu | auto (gpu when CUDA is available)

@@ -28,7 +28,7 @@ except ImportError:  # e.g. macOS: the reference is the only path, and `use_trit
 
 BACKEND = "auto"  # auto: Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1); ref: the loop
 CHUNK = 64  # time steps per chunk: the forward saves the state at chunk starts for the backward
-CHANNELS = 32  # channels per program ...
+CHANNELS = 16  # channels per program ...
 WARPS = 1  # ... and warps per program: the launch shape, chosen by the sweep in `python kernels.py`
 POISON = False  # tests set it: outputs start as NaN, so an element a kernel forgets to write fails
 
@@ -194,7 +194,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     du_p, ddt_p, dz_p = du_ptr + b * s_ub + d * s_ud, ddt_ptr + b * s_tb + d * s_td, dz_ptr + b * s_zb + d * s_zd
     o_p = dout_ptr + b * s_ob + d * s_od
     B_p, C_p = B_ptr + b * s_Bb + g * s_Bg + n * s_Bn, C_ptr + b * s_Cb + g * s_Cg + n * s_Cn
-    dBC = (b * (DI // REP) + g) * N * L + n * L  # dB, dC are float32 (b, g, n, l) contiguous
+    dBC = (b * (DI // REP) + g) * L * N + n  # dB, dC accumulate in float32 (b, g, l, n): a step's n adds are adjacent
     dh = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dA = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dD = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -235,8 +235,8 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                 dy = dy * z * sz
             a = tl.exp2(dt[None, :] * A2)
             dh += dy[None, :] * Ct[:, None]  # dL/dh_t
-            tl.atomic_add(dC_ptr + dBC + t, tl.sum(dy[None, :] * h, axis=1), mask=mn)
-            tl.atomic_add(dB_ptr + dBC + t, tl.sum(dh * (dt * u)[None, :], axis=1), mask=mn)
+            tl.atomic_add(dC_ptr + dBC + t * N, tl.sum(dy[None, :] * h, axis=1), mask=mn)
+            tl.atomic_add(dB_ptr + dBC + t * N, tl.sum(dh * (dt * u)[None, :], axis=1), mask=mn)
             dhB = tl.sum(dh * Bt[:, None], axis=0)
             da = dh * h_prev * a  # dL/d(dt * A)
             ddt = dhB * u + tl.sum(da * A, axis=0)
@@ -400,7 +400,7 @@ class SelectiveScanFn(torch.autograd.Function):
         block_d, block_n = _blocks(di, g, n)
         n_chunks = chunk_states.shape[2]
         du, ddelta, dz = _alloc_like(u), _alloc_like(delta), _alloc_like(z) if z is not None else u
-        dB, dC = torch.zeros(B.shape, device=u.device), torch.zeros(C.shape, device=u.device)  # float32 atomics
+        dB, dC = (torch.zeros(b, g, L, n, device=u.device) for _ in range(2))  # float32, for atomic adds
         dA, dh0 = _alloc(b, di, n, like=u, dtype=torch.float32), _alloc(b, di, n, like=u, dtype=torch.float32)
         dD, dbias = _alloc(b, di, like=u, dtype=torch.float32), _alloc(b, di, like=u, dtype=torch.float32)
         grid = (b, di // block_d)
@@ -412,7 +412,7 @@ class SelectiveScanFn(torch.autograd.Function):
             *u.stride(), *delta.stride(), *zz.stride(), *B.contiguous().stride(), *C.contiguous().stride(), *dout.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
             CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
-        return (du, ddelta, dA.sum(0), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0) if D is not None else None,
+        return (du, ddelta, dA.sum(0), dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype), dD.sum(0) if D is not None else None,
                 dz if z is not None else None, dbias.sum(0).to(bias_dtype) if bias_dtype else None,
                 dh0 if has_h0 else None, None)
 
@@ -539,7 +539,7 @@ def benchmark():
     bw = 2 * x.numel() / bench(lambda: x.clone())
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     del x
-    if cuda:
+    if cuda and "--sweep" in sys.argv:
         sweep(bench)
     shapes = {"S1": (8, 2048, 16, 1, 2048), "S2": (8, 2048, 64, 32, 2048), "S3": (8, 2048, 16, 1, 8192)} if cuda else \
         {"smoke": (1, 16, 4, 2, 64)}
@@ -630,14 +630,15 @@ def sweep(bench):
 def training_speed():
     """A distillation-shaped training step of the gpu preset's 50% hybrid (random weights) at L = 512,
     through the Triton scan and through the reference loop."""
+    import kernels  # the module mil uses: under `python kernels.py` this file is __main__
     import mil
-    global BACKEND
+
     cfg = mil.Config(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, attn_layers=(1, 3, 5, 7))
     model = mil.Model(cfg).cuda()
     idx = torch.randint(0, cfg.vocab_size, (16, 512), device="cuda")
     times = {}
     for backend in ("triton", "ref"):
-        BACKEND = backend
+        kernels.BACKEND = backend
 
         def train_step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -647,7 +648,7 @@ def training_speed():
         train_step()
         torch.cuda.synchronize()
         times[backend] = min(__import__("timeit").repeat(lambda: (train_step(), torch.cuda.synchronize()), number=1, repeat=3))
-    BACKEND = "auto"
+    kernels.BACKEND = "auto"
     print(f"\ntraining step, gpu preset 50% hybrid, batch 16 x 512: Triton {16 * 512 / times['triton']:,.0f} tokens/s, "
           f"reference {16 * 512 / times['ref']:,.0f} tokens/s: {times['ref'] / times['triton']:.1f}x")
 

@@ -41,6 +41,18 @@ DEFAULTS = dict(
 )
 
 
+def clock(device):  # seconds, after the device has finished its queued work
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def timed(fn, device):
+    t0 = clock(device)
+    result = fn()
+    return result, clock(device) - t0
+
+
 # -----------------------------------------------------------------------------------------------
 # One forward of fixed shape, replayed as a CUDA graph on GPU
 
@@ -86,15 +98,16 @@ class Stepper:
 
 @torch.no_grad()
 def plain_generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, generator=None, graphs=False):
-    """generate() with the one-token step as a CUDA graph. prompt (1, l) -> (1, l + max_new_tokens)."""
+    """generate() with the one-token step as a CUDA graph. prompt (1, l) -> (1, l + max_new_tokens) and
+    the seconds spent decoding (after the prefill and the graph capture)."""
     caches = model.new_caches(1, prompt.shape[1] + max_new_tokens)
     logits = model(prompt, caches=caches)[0][:, -1]
     step = Stepper(model, caches, 1, graphs)
-    out = [prompt]
+    out, t0 = [prompt], clock(prompt.device)
     for _ in range(max_new_tokens):
         out.append(mil.sample(logits, temperature, top_k, generator))
         logits = step(out[-1])[:, -1]
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1), dict(seconds=clock(prompt.device) - t0)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -136,6 +149,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
     draft_steps = {1: Stepper(draft, d_caches, 1, graphs), 2: Stepper(draft, d_caches, 2, graphs)}
     out, pending, feed = [prompt], prompt[:, -1:], prompt[:, -1:]  # feed: accepted tokens the draft has not seen
     produced = rounds = accepted = tested = 0
+    t0 = clock(prompt.device)
     while produced < max_new_tokens:
         # the draft proposes K tokens
         base = d_caches[0].len + feed.shape[1]
@@ -161,24 +175,11 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
         out += [drafts[:, :n], pending]
         produced, rounds, accepted, tested = produced + n + 1, rounds + 1, accepted + n, tested + min(n + 1, k)
     tokens = torch.cat(out, dim=1)[:, :prompt.shape[1] + max_new_tokens]
-    return tokens, dict(rounds=rounds, accepted=accepted, tested=tested, produced=produced)
+    return tokens, dict(rounds=rounds, accepted=accepted, tested=tested, seconds=clock(prompt.device) - t0)
 
 
 # -----------------------------------------------------------------------------------------------
 # The benchmark
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    result = fn()
-    sync(device)
-    return result, time.perf_counter() - t0
 
 
 def step_time(model, device, graphs, context=64, steps=50):
@@ -214,18 +215,15 @@ def benchmark(cfg, data, draft):
         c = step_time(draft, dev, graphs) / step_time(target, dev, graphs)
         for temp in temps:
             gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
-            plain_time = 0.0
-            plain_out = []
+            plain_time, plain_out = 0.0, []
             for w in windows:
-                out, dt = timed(lambda: plain_generate(target, w[None], n_new, temp, cfg["top_k"], gen, graphs), dev)
-                plain_time, plain_out = plain_time + dt, plain_out + [out]
+                out, st = plain_generate(target, w[None], n_new, temp, cfg["top_k"], gen, graphs)
+                plain_time, plain_out = plain_time + st["seconds"], plain_out + [out]
             plain_tps = len(windows) * n_new / plain_time
             for k in ks:
-                spec_time, stats, diverged = 0.0, dict(rounds=0, accepted=0, tested=0), []
+                stats, diverged = dict(rounds=0, accepted=0, tested=0, seconds=0.0), []
                 for i, w in enumerate(windows):
-                    (out, st), dt = timed(lambda: speculative_generate(target, draft, w[None], n_new, k, temp, cfg["top_k"],
-                                                                       gen, graphs), dev)
-                    spec_time += dt
+                    out, st = speculative_generate(target, draft, w[None], n_new, k, temp, cfg["top_k"], gen, graphs)
                     for key in stats:
                         stats[key] += st[key]
                     if temp == 0 and not torch.equal(out, plain_out[i]):
@@ -233,7 +231,7 @@ def benchmark(cfg, data, draft):
                 a = stats["accepted"] / max(1, stats["tested"])
                 per_verify = len(windows) * n_new / stats["rounds"]
                 predicted = (1 - a ** (k + 1)) / (1 - a) / (k * c + 1) if a < 1 else (k + 1) / (k * c + 1)
-                spec_tps = len(windows) * n_new / spec_time
+                spec_tps = len(windows) * n_new / stats["seconds"]
                 rows.append(f"| {name} | {'greedy' if temp == 0 else f'T={temp:g}'} | {k} | {plain_tps:.0f} | "
                             f"{spec_tps:.0f} | {a:.2f} | {per_verify:.2f} | {c:.2f} | {predicted:.2f}x | "
                             f"{spec_tps / plain_tps:.2f}x |")
@@ -342,11 +340,10 @@ def main(argv=None):
         temp, k = float(cfg["temperature"].split(",")[0]), int(cfg["k"].split(",")[0])
         gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
         graphs = cfg["graphs"] and dev.type == "cuda"
-        plain, t_plain = timed(lambda: plain_generate(target, prompt, cfg["max_new_tokens"], temp, cfg["top_k"], gen, graphs), dev)
-        (spec, st), t_spec = timed(lambda: speculative_generate(target, draft, prompt, cfg["max_new_tokens"], k, temp,
-                                                                cfg["top_k"], gen, graphs), dev)
-        print(f"plain ({t_plain:.2f}s):\n{data.tok.decode(plain[0].tolist())}\n")
-        print(f"speculative, K={k} ({t_spec:.2f}s, {st['accepted']} of {st['tested']} tested drafts accepted, "
+        plain, pst = plain_generate(target, prompt, cfg["max_new_tokens"], temp, cfg["top_k"], gen, graphs)
+        spec, st = speculative_generate(target, draft, prompt, cfg["max_new_tokens"], k, temp, cfg["top_k"], gen, graphs)
+        print(f"plain ({pst['seconds']:.2f}s):\n{data.tok.decode(plain[0].tolist())}\n")
+        print(f"speculative, K={k} ({st['seconds']:.2f}s, {st['accepted']} of {st['tested']} tested drafts accepted, "
               f"{st['rounds']} verifications):\n{data.tok.decode(spec[0].tolist())}")
         return
     print(f"speculative decoding on {cfg['device']} ({'CUDA graphs' if cfg['graphs'] and dev.type == 'cuda' else 'eager'}), "

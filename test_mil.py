@@ -354,7 +354,7 @@ def test_greedy_speculative_decoding_equals_plain_greedy():
         for seed in range(2):
             prompt = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(seed))
             n_new = 40 - 5  # up to the length limit
-            plain = speculative.plain_generate(target, prompt, n_new, temperature=0)
+            plain, _ = speculative.plain_generate(target, prompt, n_new, temperature=0)
             assert torch.equal(plain, mil.generate(target, prompt, n_new, temperature=0))
             spec, stats = speculative.speculative_generate(target, draft, prompt, n_new, k, temperature=0)
             assert torch.equal(spec, plain), f"K={k}, prompt {seed}"
