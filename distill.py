@@ -4,11 +4,12 @@ Distill a tiny Llama into Mamba/attention hybrids on Shakespeare (The Mamba in t
     python distill.py              stage 0: train the teacher; stage 1: distill it stepwise into the
                                    50%, 25%, 12.5% attention hybrids (MLPs frozen); stage 2: fine-tune
                                    each end to end; the speculative-decoding draft; evaluate them all
-    python distill.py --ablate     the paper's ablations, as markdown tables
+    python distill.py --ablate     the same, then the paper's ablations as markdown tables
 
 Finished stages are skipped on a rerun; an interrupted stage resumes from its last checkpoint.
 Checkpoints live in out/<preset>/. Every setting below is overridable as --key=value.
 """
+import itertools
 import math
 import os
 import sys
@@ -29,8 +30,8 @@ PRESETS = {
                 teacher_steps=800, eval_every=100, lr=3e-3, distill_steps=100, distill_lr=2e-3,
                 ft_steps=40, draft_steps=100, ablate_steps=40, eval_windows=64),
     "gpu": dict(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, batch_size=32,
-                teacher_steps=1200, eval_every=100, lr=2e-3, distill_steps=300, distill_lr=1e-3,
-                ft_steps=100, draft_steps=300, ablate_steps=150, eval_windows=236),
+                teacher_steps=700, eval_every=50, lr=2e-3, distill_steps=300, distill_lr=1e-3,
+                ft_steps=100, draft_steps=300, ablate_steps=100, eval_windows=236),
 }
 DEFAULTS = dict(
     preset="auto",  # cpu | gpu | auto (gpu when CUDA is available)
@@ -307,6 +308,80 @@ def pseudo_labels(cfg, data, teacher):
     return pool
 
 
+# -----------------------------------------------------------------------------------------------
+# The paper's ablations (`--ablate`), each student trained for the same ablate_steps
+
+
+def copy_probe_loss(model, data, gap, span=64, probes=16, seed=0):
+    """Recall: a random 64-token validation span, `gap` tokens of other validation text, then the span
+    again; the mean loss on the repeated span (its first token excepted: nothing predicts it)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for _ in range(probes):
+        i, j = torch.randint(len(data.val) - span - gap - 1, (2,), generator=g).tolist()
+        seqs.append(torch.cat([data.val[i:i + span], data.val[j:j + gap], data.val[i:i + span]]))
+    x = torch.stack(seqs).to(data.device)  # (probes, 2 span + gap)
+    with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext()):
+        logits = torch.cat([model(part)[0] for part in x[:, :-1].split(4)])
+    second = slice(span + gap, 2 * span + gap - 1)  # predictions of the repeated span's tokens 2..span
+    return F.cross_entropy(logits[:, second].flatten(0, 1).float(), x[:, second.start + 1:].flatten()).item()
+
+
+def ablations(cfg, data, teacher, students):
+    steps, n, L = cfg["ablate_steps"], cfg["n_layer"], cfg["block_size"]
+    half, quarter = mil.kept_attention(n, 0.5), mil.kept_attention(n, 0.25)
+    windows = data.val_windows(L, cfg["eval_windows"])
+    ppl = lambda m: math.exp(evaluate(m, windows)[0])
+    t_ppl = ppl(teacher)
+    run = lambda name, layers, **kw: student_stage(cfg, data, teacher, "ablate_" + name, layers, steps=steps, save=False, **kw)
+    fmt = lambda p: f"{p:.2f} ({p / t_ppl:.3f}x)"
+    out = [f"Validation perplexity (ratio to the teacher's {t_ppl:.2f}), every student trained {steps} steps.\n",
+           "| model | attention init, frozen MLP | attention init, trainable MLP | random init, frozen MLP | random init, trainable MLP |",
+           "| --- | --- | --- | --- | --- |"]
+    trained = {}
+    for frac, layers in (("50%", half), ("0%", ())):  # Table 7, left
+        cells = []
+        for init, freeze in itertools.product(("attention", "random"), ("mamba", "all")):
+            trained[frac, init, freeze] = run(f"{frac[:-1]}_{init}_{freeze}", layers, init=init, freeze=freeze)
+            cells.append(fmt(ppl(trained[frac, init, freeze])))
+        out.append(f"| {frac} attention | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    base = trained["50%", "attention", "mamba"]
+    removed = mil.Model(base.cfg).to(data.device)
+    removed.load_state_dict(base.state_dict())
+    with torch.no_grad():  # Table 9: the Mamba mixers' outputs removed, MLPs and attention kept
+        for i, block in enumerate(removed.layers):
+            if i not in half:
+                block.mixer.o_proj.weight.zero_()
+    variants = [  # Table 7, right; the targets; the loss; the conv's initialization; Table 9
+        ("25%: stepwise (from the 50% student)", run("25_stepwise", quarter, prev=base)),
+        ("25%: one jump from the teacher", run("25_jump", quarter)),
+        ("50%: interleaved (layers " + ",".join(map(str, half)) + ")", base),
+        ("50%: contiguous (layers " + ",".join(map(str, range(n - len(half), n))) + ")",
+         run("50_contiguous", tuple(range(n - len(half), n)))),
+        ("50%: corpus targets, CE + KL (the default)", base),
+        ("50%: teacher pseudo-labels, CE + KL", run("50_pseudo", half, pool=pseudo_labels(cfg, data, teacher))),
+        ("50%: pure KL", run("50_kl", half, alpha=0.0, beta=1.0)),
+        ("50%: conv initialized as identity (the default)", base),
+        ("50%: conv with PyTorch's default init", run("50_conv", half, conv_init="default")),
+        ("50%: Mamba mixers removed, MLPs kept", removed),
+    ]
+    out += ["", "| variant | perplexity |", "| --- | --- |"] + [f"| {name} | {fmt(ppl(m))} |" for name, m in variants]
+    models = [("teacher", teacher)] + students + [("0% (pure Mamba)", trained["0%", "attention", "mamba"])]
+    mults = (1, 2, 4, 8)
+    out += ["", "Length: perplexity on validation windows of 1x-8x the training context (" + str(L) + " tokens).", "",
+            "| model | " + " | ".join(f"{m}x" for m in mults) + " |", "|" + " --- |" * (len(mults) + 1)]
+    for name, m in models:
+        cells = [math.exp(evaluate(m, data.val_windows(L * k, min(cfg["eval_windows"], (len(data.val) - 1) // (L * k))),
+                                   batch=max(1, 8 // k))[0]) for k in mults]
+        out.append(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    gaps = sorted({0, 256, 1024, 4 * L})
+    out += ["", "Recall: mean loss on a repeated 64-token span after a gap of G tokens (lower: better recall).", "",
+            "| model | " + " | ".join(f"G={g}" for g in gaps) + " |", "|" + " --- |" * (len(gaps) + 1)]
+    for name, m in models:
+        out.append(f"| {name} | " + " | ".join(f"{copy_probe_loss(m, data, g):.3f}" for g in gaps) + " |")
+    return "\n".join(out)
+
+
 def resolve(argv):
     """Options: the preset's values are the defaults; --key=value overrides them."""
     preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "auto")
@@ -362,6 +437,11 @@ def main(argv=None):
     table = results_table(rows)
     print(table)
     mil.atomic_write(lambda f: f.write(table.encode() + b"\n"), os.path.join(cfg["out_dir"], "results.md"))
+    if cfg["ablate"]:
+        print(f"ablations, {cfg['ablate_steps']} steps each")
+        table = ablations(cfg, data, teacher, students[:-1])
+        print(table)
+        mil.atomic_write(lambda f: f.write(table.encode() + b"\n"), os.path.join(cfg["out_dir"], "ablations.md"))
     print(f"total {time.time() - t_start:.0f}s")
 
 

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 try:
     import triton
@@ -30,6 +31,7 @@ BACKEND = "auto"  # auto: Triton on CUDA tensors (or on CPU under TRITON_INTERPR
 CHUNK = 64  # time steps per chunk: the forward saves the state at chunk starts for the backward
 CHANNELS = 16  # channels per program ...
 WARPS = 1  # ... and warps per program: the launch shape, chosen by the sweep in `python kernels.py`
+PIECES = 0  # long prompts at small batch: pieces of time run in parallel (0: as many as fill the GPU)
 POISON = False  # tests set it: outputs start as NaN, so an element a kernel forgets to write fails
 
 # -----------------------------------------------------------------------------------------------
@@ -421,8 +423,45 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False, initial_state=None):
     """Triton forward and backward; the contract of `selective_scan_ref`."""
     _check(u, delta, A, B, C, z)
+    pieces = _pieces(u, B.shape[1], A.shape[1])
+    if pieces > 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z))):
+        out, last = _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, pieces)
+        return (out, last) if return_last_state else out
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
     return (out, last) if return_last_state else out
+
+
+def _pieces(u, groups, n):
+    """How many pieces to cut time into for a long prompt at small batch, where the b * di / BLOCK_D
+    programs of one walk over time would leave most of the GPU idle (PIECES overrides it)."""
+    (b, di, L), sms = u.shape, torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
+    pieces = PIECES or max(1, 4 * sms * _blocks(di, groups, n)[0] // (b * di))
+    while pieces > 1 and (L % pieces or L // pieces < 4 * CHUNK):
+        pieces //= 2
+    return pieces if (PIECES or u.is_cuda) else 1
+
+
+def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, pieces):
+    """Prefill of a long prompt (no gradients), with time cut into P pieces run as extra batch rows:
+    (1) each piece from a zero state, for its end state; (2) a short pass over the pieces carries the
+    true start states, h_start[p+1] = exp(A * sum_p Delta) h_start[p] + end[p]; (3) each piece again
+    from its true start, for the outputs. Twice the work, P times shorter walks."""
+    b, di, L = u.shape
+    rows = lambda x: rearrange(x, "b d (p t) -> (b p) d t", p=pieces) if x is not None else None
+    rows_bc = lambda x: rearrange(x, "b g n (p t) -> (b p) g n t", p=pieces)
+    _, ends = selective_scan(rows(u), rows(delta), A, rows_bc(B), rows_bc(C), delta_bias=delta_bias,
+                             delta_softplus=delta_softplus, return_last_state=True)
+    dt = delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0)
+    dt = F.softplus(dt) if delta_softplus else dt
+    decay = torch.exp(A.float()[None, :, :, None] * dt.view(b, di, pieces, -1).sum(-1)[:, :, None, :])  # (b, di, n, p)
+    h = initial_state.float() if initial_state is not None else u.new_zeros(b, di, A.shape[1], dtype=torch.float32)
+    ends, starts = ends.view(b, pieces, di, -1), []
+    for p in range(pieces):
+        starts.append(h)
+        h = decay[..., p] * h + ends[:, p]
+    y = selective_scan(rows(u), rows(delta), A, rows_bc(B), rows_bc(C), D, rows(z), delta_bias, delta_softplus,
+                       initial_state=torch.stack(starts, 1).flatten(0, 1))
+    return rearrange(y, "(b p) d t -> b d (p t)", p=pieces), h
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

@@ -183,6 +183,18 @@ def test_triton_scan_matches_reference(dtype, L, groups, n, options, monkeypatch
                                        msg=lambda m: f"gradient of {k}: {m}")
 
 
+def test_long_prefill_in_pieces_matches_reference(monkeypatch):
+    """A long prompt at batch 1 is scanned as pieces of time in parallel, stitched by their decays."""
+    monkeypatch.setattr(kernels, "PIECES", 4)
+    monkeypatch.setattr(kernels, "CHUNK", 4)
+    x = scan_inputs(b=1, di=8, L=64, n=4, groups=2, device=DEV)
+    with torch.no_grad():
+        y, last = kernels.selective_scan(**x, delta_softplus=True, return_last_state=True)
+    y_ref, last_ref = kernels.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    torch.testing.assert_close(last, last_ref, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("groups,n,options", [(1, 4, (1, 1, 1)), (2, 16, (0, 0, 0)), (4, 5, (1, 0, 1))])
 def test_triton_step_matches_reference_and_scan(groups, n, options, monkeypatch):
     """One decode step against the reference step; N steps against one scan of length N."""
