@@ -435,7 +435,7 @@ def _pieces(u, groups, n):
     """How many pieces to cut time into for a long prompt at small batch, where the b * di / BLOCK_D
     programs of one walk over time would leave most of the GPU idle (PIECES overrides it)."""
     (b, di, L), sms = u.shape, torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
-    pieces = PIECES or max(1, 4 * sms * _blocks(di, groups, n)[0] // (b * di))
+    pieces = PIECES or 2 ** int(math.log2(max(1, 8 * sms * _blocks(di, groups, n)[0] // (b * di))))
     while pieces > 1 and (L % pieces or L // pieces < 4 * CHUNK):
         pieces //= 2
     return pieces if (PIECES or u.is_cuda) else 1
