@@ -409,14 +409,14 @@ class SelectiveScanFn(torch.autograd.Function):
         scratch = torch.empty(b * grid[1] * (CHUNK + 1) * block_d * block_n, device=u.device)
         zz = z if z is not None else u
         _scan_bwd_kernel[grid](
-            u, delta, A, B.contiguous(), C.contiguous(), D if D is not None else A, zz, bias if bias is not None else A,
+            u, delta, A, B, C, D if D is not None else A, zz, bias if bias is not None else A,
             chunk_states, dout, scratch, du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, L, di, n, di // g, n_chunks,
-            *u.stride(), *delta.stride(), *zz.stride(), *B.contiguous().stride(), *C.contiguous().stride(), *dout.stride(),
+            *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *dout.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
             CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
-        return (du, ddelta, dA.sum(0), dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype), dD.sum(0) if D is not None else None,
-                dz if z is not None else None, dbias.sum(0).to(bias_dtype) if bias_dtype else None,
-                dh0 if has_h0 else None, None)
+        dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)  # (b, g, n, l), as B and C
+        return (du, ddelta, dA.sum(0), dB, dC, dD.sum(0) if D is not None else None, dz if z is not None else None,
+                dbias.sum(0).to(bias_dtype) if bias_dtype else None, dh0 if has_h0 else None, None)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -424,7 +424,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """Triton forward and backward; the contract of `selective_scan_ref`."""
     _check(u, delta, A, B, C, z)
     pieces = _pieces(u, B.shape[1], A.shape[1])
-    if pieces > 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z))):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z))
+    if pieces > 1 and not needs_grad:
         out, last = _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, pieces)
         return (out, last) if return_last_state else out
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
@@ -475,7 +476,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     A = A.float().contiguous()
     _step_kernel[(b, di // block_d)](
         state, x, dt, A, B, C, D.float() if D is not None else A, zz, dt_bias.float() if dt_bias is not None else A,
-        out, di, n, di // g, *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), out.stride(0), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        out, di, n, di // g, *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), out.stride(0),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=dt_softplus, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
     return out
 
@@ -555,7 +557,8 @@ def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
         Bc, Cc = (X[..., sl].float().repeat_interleave(di // g, 1) for X in (B, C))  # (b, di, n, T)
         S = torch.cumsum(delta[:, :, None, sl] * A[None, :, :, None], dim=-1)  # (b, di, n, T)
         T = S.shape[-1]
-        seg = (S[..., :, None] - S[..., None, :]).masked_fill(~torch.ones(T, T, dtype=torch.bool, device=u.device).tril(), -math.inf)
+        causal = torch.ones(T, T, dtype=torch.bool, device=u.device).tril()
+        seg = (S[..., :, None] - S[..., None, :]).masked_fill(~causal, -math.inf)  # S_t - S_s, s <= t
         hs = seg.exp() @ ((delta * u)[:, :, None, sl] * Bc)[..., None] + S.exp()[..., None] * h[..., None, :]
         ys.append((hs[..., 0] * Cc).sum(2))
         h = hs[..., -1, :]

@@ -59,7 +59,8 @@ def parse_options(defaults, argv=None, doc=""):
         try:
             opts[key] = typ(value)
         except ValueError:
-            raise SystemExit(f"--{key} takes a {typ.__name__}, got {value!r}") from None
+            kind = {int: "an integer", float: "a number"}.get(typ, typ.__name__)
+            raise SystemExit(f"--{key} takes {kind}, got {value!r}") from None
     return opts
 
 

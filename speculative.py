@@ -262,7 +262,7 @@ def context_benchmark(cfg):
     dev = torch.device(cfg["device"])
     gpu = dev.type == "cuda"
     arch = {k: distill.PRESETS["gpu" if gpu else "cpu"][k] for k in ("n_layer", "d_model", "n_head", "n_kv_head")}
-    contexts = [512 * 2 ** i for i in range(7)] if gpu else [64, 128, 256]
+    contexts = [512 * 2 ** i for i in range(7)] if gpu else [32, 64, 128]
     batches, steps = ((1, 64), 20) if gpu else ((1, 4), 4)
     dtype = torch.bfloat16 if gpu else torch.float32
     rows = ["| model | attention layers | batch | context | decode tokens/s | cache MiB / sequence | prefill ms (batch 1) |",
@@ -318,6 +318,8 @@ def main(argv=None):
     preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "auto")
     cfg = mil.parse_options(DEFAULTS, argv, __doc__)
     cfg["preset"] = preset if preset != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    if cfg["preset"] not in distill.PRESETS:
+        raise SystemExit(f"--preset takes {', '.join(distill.PRESETS)} or auto; got {preset!r}")
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     cfg["out_dir"] = cfg["out_dir"] or os.path.join(mil.HERE, "out", cfg["preset"])
@@ -325,6 +327,7 @@ def main(argv=None):
     kernels.BACKEND = cfg["scan"]
     torch.manual_seed(cfg["seed"])
     dev = torch.device(cfg["device"])
+    kernels.use_triton(dev)  # validates --scan and says which path runs
     if cfg["bench"] == "context":
         return context_benchmark(cfg)
     if cfg["bench"] != "speculative":

@@ -100,13 +100,14 @@ def scan_closed_form(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_s
 
 
 def scan_inputs(b=2, di=8, L=13, n=4, groups=2, dtype=torch.float32, device="cpu", options=(1, 1, 1, 1)):
-    """Fresh random inputs (never zeros). options: which of D, z, delta_bias, initial_state are given."""
+    """Fresh random inputs (never zeros). options: which of D, z, delta_bias, initial_state are given.
+    u, delta, B are contiguous (mamba_ssm's layout); C and z are views in the layout mil.py passes."""
     has_D, has_z, has_bias, has_h0 = options
     r = lambda *s: torch.randn(*s, device=device)
     return dict(u=r(b, di, L).to(dtype), delta=(0.5 * r(b, di, L)).to(dtype), A=-0.5 - torch.rand(di, n, device=device),
-                B=r(b, groups, n, L).to(dtype), C=r(b, groups, n, L).to(dtype), D=r(di) if has_D else None,
-                z=r(b, di, L).to(dtype) if has_z else None, delta_bias=0.5 * r(di) if has_bias else None,
-                initial_state=r(b, di, n) if has_h0 else None)
+                B=r(b, groups, n, L).to(dtype), C=r(b, L, groups, n).permute(0, 2, 3, 1).to(dtype),  # C, z strided
+                D=r(di) if has_D else None, z=r(b, L, di).transpose(1, 2).to(dtype) if has_z else None,  # as in mil.py
+                delta_bias=0.5 * r(di) if has_bias else None, initial_state=r(b, di, n) if has_h0 else None)
 
 
 @pytest.mark.parametrize("L,groups,options", [(1, 1, (1, 1, 1, 1)), (13, 2, (0, 0, 0, 0)), (13, 1, (1, 1, 1, 1)),
@@ -322,7 +323,7 @@ def test_options_reject_unknown_keys_and_bad_types():
     assert mil.parse_options(defaults, ["--steps=3", "--lr=1e-3", "--flag"]) == dict(steps=3, lr=1e-3, name="x", flag=True)
     with pytest.raises(SystemExit, match="--stpes.*valid options: --steps, --lr"):
         mil.parse_options(defaults, ["--stpes=3"])
-    with pytest.raises(SystemExit, match="--steps takes a int, got 'ten'"):
+    with pytest.raises(SystemExit, match="--steps takes an integer, got 'ten'"):
         mil.parse_options(defaults, ["--steps=ten"])
     with pytest.raises(SystemExit, match="--preset takes"):
         distill.resolve(["--preset=tpu"])
@@ -440,3 +441,52 @@ def test_chi_square_catches_a_wrong_acceptance_rule():
 
     counts, expected = two_token_samples(wrong)
     assert ((counts - expected) ** 2 / expected).sum().item() > 3 * chi_square_critical(24)
+
+
+# -----------------------------------------------------------------------------------------------
+# The pipeline, end to end on a tiny model
+
+TINY = ["--preset=cpu", "--scan=ref", "--n_layer=2", "--d_model=32", "--n_head=2", "--n_kv_head=1", "--block_size=16",
+        "--batch_size=4", "--teacher_steps=12", "--eval_every=4", "--eval_windows=4", "--ckpt_every=3", "--log_every=100",
+        "--attn_fractions=0.5", "--distill_steps=6", "--ft_steps=3", "--draft_steps=3", "--warmup=2"]
+
+
+def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
+    """A run killed in the middle of a stage (--stop_after) resumes from its last checkpoint (model,
+    optimizer, step, data position, RNG state) and ends with the losses of an uninterrupted run."""
+    distill.main(TINY + [f"--out_dir={tmp_path / 'once'}", "--finetune=false"])
+    for attempt in range(8):  # each run stops after 5 steps of the stage it is in; the next resumes
+        try:
+            distill.main(TINY + [f"--out_dir={tmp_path / 'killed'}", "--finetune=false", "--stop_after=5"])
+            break
+        except SystemExit as stop:
+            assert stop.code == 0
+    assert attempt >= 3  # the teacher (12 steps) and the student (6) were both interrupted
+    for name in ("teacher", "attn50"):
+        once, killed = (torch.load(tmp_path / run / f"{name}.pt", weights_only=True) for run in ("once", "killed"))
+        assert len(once["log"]) == len(killed["log"]) > 0
+        torch.testing.assert_close(torch.tensor(killed["log"]), torch.tensor(once["log"]), rtol=1e-5, atol=1e-6)
+        for k in once["model"]:
+            torch.testing.assert_close(killed["model"][k], once["model"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_pipeline_ablations_and_benchmarks_smoke(tmp_path, capsys):
+    """The whole of `python distill.py --ablate && python speculative.py` and the context benchmark,
+    at toy sizes: every stage runs and every table is printed."""
+    out = f"--out_dir={tmp_path}"  # and --scan=ref everywhere: the interpreter would take minutes here
+    distill.main(TINY + [out, "--ablate", "--ablate_steps=2", "--pseudo_sequences=8"])
+    for name in ("teacher", "attn50", "attn50_ft", "draft", "results.md", "ablations.md"):
+        assert any(p.name.startswith(name) for p in tmp_path.iterdir()), name
+    assert not any(p.name.endswith(".resume.pt") for p in tmp_path.iterdir())
+    spec = [out, "--preset=cpu", "--scan=ref", "--models=attn50"]
+    speculative.main(spec + ["--prompts=2", "--k=2", "--prompt_tokens=8", "--max_new_tokens=6"])
+    speculative.main(spec + ["--prompt=HAMLET. To be", "--max_new_tokens=6"])
+    with pytest.raises(SystemExit, match="the context"):
+        speculative.main(spec + ["--prompt=" + "word " * 40])
+    with pytest.raises(SystemExit, match="python distill.py"):
+        speculative.main([f"--out_dir={tmp_path / 'none'}", "--preset=cpu", "--scan=ref"])
+    speculative.main(spec + ["--bench=context"])
+    text = capsys.readouterr().out
+    for heading in ("| model | attention layers | val loss", "attention init, frozen MLP", "Mamba mixers removed",
+                    "| model | 1x | 2x", "G=0", "| model | decoding | K", "| model | attention layers | batch | context"):
+        assert heading in text, heading
