@@ -259,19 +259,26 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
 
 
 @triton.jit
+def _decode_tile(state_ptr, A_ptr, DI, N, REP, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a decoding program starts from: its row b, channels d, states n (and their mask), group,
+    state pointers, the state tile h [n, d] and A2 = A * log2(e)."""
+    b, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    mn = n < N
+    sp = state_ptr + b * DI * N + d[None, :] * N + n[:, None]
+    h = tl.load(sp, mask=mn[:, None], other=0.0)
+    A2 = tl.load(A_ptr + d[None, :] * N + n[:, None], mask=mn[:, None], other=0.0) * LOG2E
+    return b, d, n, mn, (pd * BLOCK_D) // REP, sp, h, A2
+
+
+@triton.jit
 def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
                  DI, N, REP, s_xb, s_xd, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_ob,
                  HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """One decode step, the state read once and written once."""
-    b, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    mn = n < N
-    g = (pd * BLOCK_D) // REP
-    sp = state_ptr + b * DI * N + d[None, :] * N + n[:, None]
-    h = tl.load(sp, mask=mn[:, None], other=0.0)
-    A2 = tl.load(A_ptr + d[None, :] * N + n[:, None], mask=mn[:, None], other=0.0) * LOG2E
+    b, d, n, mn, g, sp, h, A2 = _decode_tile(state_ptr, A_ptr, DI, N, REP, BLOCK_D, BLOCK_N)
     x = tl.load(x_ptr + b * s_xb + d * s_xd).to(tl.float32)
     dt = tl.load(dt_ptr + b * s_tb + d * s_td).to(tl.float32)
     if HAS_BIAS:
@@ -301,14 +308,7 @@ def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr,
     """Algorithm 2's MultiStep: load the committed state, replay the accepted prefix of the last
     verified tokens (no outputs), store it as the new committed state, then step through the new
     tokens emitting outputs and writing no state."""
-    b, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    mn = n < N
-    g = (pd * BLOCK_D) // REP
-    sp = state_ptr + b * DI * N + d[None, :] * N + n[:, None]
-    h = tl.load(sp, mask=mn[:, None], other=0.0)
-    A2 = tl.load(A_ptr + d[None, :] * N + n[:, None], mask=mn[:, None], other=0.0) * LOG2E
+    b, d, n, mn, g, sp, h, A2 = _decode_tile(state_ptr, A_ptr, DI, N, REP, BLOCK_D, BLOCK_N)
     bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d) if HAS_D else 0.0
     replay = tl.load(replay_ptr + b)
