@@ -97,7 +97,7 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None):
         ckpt = torch.load(path, map_location=data.device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["gen"])
+        gen.set_state(ckpt["gen"].cpu())  # the batch sampler draws on the CPU
         state = ckpt["state"]
         print(f"{name}: resuming at step {state['step']} from {path}")
 
