@@ -86,9 +86,10 @@ class Data:
 # One training loop for every stage: AdamW, warmup then cosine, clipping, bf16 on GPU, resumable
 
 
-def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None):
-    """Trains `params` of `model` for `steps`, resuming from out_dir/name.resume.pt if present.
-    loss_fn(model, gen) -> loss. With eval_fn, keeps the best-validation weights. Returns the log."""
+def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save=True):
+    """Trains `params` of `model` for `steps`, resuming from out_dir/name.resume.pt if present, and
+    (with save) writes out_dir/name.pt. loss_fn(model, gen) -> loss. With eval_fn, keeps the
+    best-validation weights. Returns the state: step, loss log, best validation loss and step."""
     path = os.path.join(cfg["out_dir"], name + ".resume.pt")
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg["weight_decay"])
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -136,8 +137,6 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None):
         if ran == cfg["stop_after"] and step + 1 < steps:
             print(f"{name}: stopped after {ran} steps (--stop_after); rerun to resume")
             sys.exit(0)
-    if os.path.exists(path):
-        os.remove(path)  # the stage is done: its final checkpoint is the caller's
     if eval_fn:
         val = eval_fn(model)
         if val < state["best_val"]:
@@ -146,6 +145,11 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None):
             model.load_state_dict(state["best_model"])
         print(f"{name}: best validation loss {state['best_val']:.4f} at step {state['best_step']} of {steps}"
               + (" (still falling: raise the step count)" if state["best_step"] == steps else ""))
+    if save:
+        mil.save_checkpoint(os.path.join(cfg["out_dir"], name + ".pt"), model=model.state_dict(), config=model.cfg.to_dict(),
+                            run=cfg, log=state["log"], best_val=state["best_val"], best_step=state["best_step"])
+    if os.path.exists(path):
+        os.remove(path)  # only now: the finished stage is on disk
     return state
 
 
@@ -222,10 +226,15 @@ def trainable(model, which):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def finished(cfg, data, name, expect):
+    """The stage's model if an earlier run finished it (trained with another config: an error), else None."""
+    path = os.path.join(cfg["out_dir"], name + ".pt")
+    return mil.load_model(path, expect=expect, device=data.device)[0] if os.path.exists(path) else None
+
+
 def teacher_stage(cfg, data, mcfg):
-    path = os.path.join(cfg["out_dir"], "teacher.pt")
-    if os.path.exists(path):
-        return mil.load_model(path, expect=mcfg, device=data.device)[0]
+    if done := finished(cfg, data, "teacher", mcfg):
+        return done
     torch.manual_seed(cfg["seed"])
     model = mil.Model(mcfg).to(data.device)
     print(f"stage 0: training the teacher, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -234,11 +243,8 @@ def teacher_stage(cfg, data, mcfg):
     def loss_fn(m, gen):
         return m(*data.batch(cfg["batch_size"], gen))[1]
 
-    t0 = time.time()
-    state = train("teacher", model, cfg, data, cfg["teacher_steps"], cfg["lr"], loss_fn,
-                          list(model.parameters()), eval_fn=lambda m: evaluate(m, windows)[0])
-    mil.save_checkpoint(path, model=model.state_dict(), config=mcfg.to_dict(), run=cfg,
-                        best_val=state["best_val"], best_step=state["best_step"], seconds=time.time() - t0, log=state["log"])
+    train("teacher", model, cfg, data, cfg["teacher_steps"], cfg["lr"], loss_fn, list(model.parameters()),
+          eval_fn=lambda m: evaluate(m, windows)[0])
     return model
 
 
@@ -246,40 +252,35 @@ def student_stage(cfg, data, teacher, name, attn_layers, prev=None, init="attent
                   pool=None, conv_init=None, alpha=None, beta=None, save=True):
     """Stage 1 (freeze="mamba") or an ablation run: a hybrid from the teacher (and the previous
     student, stepwise), distilled with Eq. 2."""
-    path = os.path.join(cfg["out_dir"], name + ".pt")
-    if save and os.path.exists(path):
-        return mil.load_model(path, device=data.device)[0]
+    expect = replace(teacher.cfg, attn_layers=tuple(attn_layers), conv_init=conv_init or teacher.cfg.conv_init)
+    if save and (done := finished(cfg, data, name, expect)):
+        return done
     torch.manual_seed(cfg["seed"])
     model = mil.hybrid_from_teacher(teacher, attn_layers, init=init, student=prev, conv_init=conv_init)
-    params = trainable(model, freeze)
-    state = train(name, model, cfg, data, steps or cfg["distill_steps"], cfg["distill_lr"],
-                  distill_loss(model, teacher, data, cfg, pool, alpha, beta), params)
-    if save:
-        mil.save_checkpoint(path, model=model.state_dict(), config=model.cfg.to_dict(), run=cfg, log=state["log"])
+    train(name, model, cfg, data, steps or cfg["distill_steps"], cfg["distill_lr"],
+          distill_loss(model, teacher, data, cfg, pool, alpha, beta), trainable(model, freeze), save=save)
     return model
 
 
 def finetune_stage(cfg, data, teacher, student, name):
     """Stage 2: every parameter trains, same loss (the paper's end-to-end stage)."""
-    path = os.path.join(cfg["out_dir"], name + ".pt")
-    if os.path.exists(path):
-        return mil.load_model(path, device=data.device)[0]
+    if done := finished(cfg, data, name, student.cfg):
+        return done
     model = mil.Model(student.cfg).to(data.device)
     model.load_state_dict(student.state_dict())
     train(name, model, cfg, data, cfg["ft_steps"], cfg["distill_lr"] / 3, distill_loss(model, teacher, data, cfg),
           trainable(model, "all"))
-    mil.save_checkpoint(path, model=model.state_dict(), config=model.cfg.to_dict(), run=cfg)
     return model
 
 
 def draft_stage(cfg, data, teacher):
     """The speculative-decoding draft, shared by every hybrid: a 2-layer Transformer built from the
     teacher's first and last layers ("shrink and fine-tune", the paper's Table 5), trained with KL."""
-    path = os.path.join(cfg["out_dir"], "draft.pt")
-    if os.path.exists(path):
-        return mil.load_model(path, device=data.device)[0]
+    draft_cfg = replace(teacher.cfg, n_layer=2, attn_layers=None)
+    if done := finished(cfg, data, "draft", draft_cfg):
+        return done
     n = teacher.cfg.n_layer
-    draft = mil.Model(replace(teacher.cfg, n_layer=2, attn_layers=None)).to(data.device)
+    draft = mil.Model(draft_cfg).to(data.device)
     sd = {k: v for k, v in teacher.state_dict().items() if not k.startswith("layers.")}
     for i, src in enumerate((0, n - 1)):
         sd.update({k.replace(f"layers.{src}.", f"layers.{i}.", 1): v for k, v in teacher.state_dict().items()
@@ -287,7 +288,6 @@ def draft_stage(cfg, data, teacher):
     draft.load_state_dict(sd)
     train("draft", draft, cfg, data, cfg["draft_steps"], cfg["distill_lr"],
           distill_loss(draft, teacher, data, cfg, alpha=0.0, beta=1.0), trainable(draft, "all"))
-    mil.save_checkpoint(path, model=draft.state_dict(), config=draft.cfg.to_dict(), run=cfg)
     return draft
 
 
