@@ -10,7 +10,6 @@ Layouts are mamba_ssm's `selective_scan_fn` / `selective_state_update`, so eithe
 Each fast function has a `_ref` twin with the same signature; `scan` and `step` pick one through
 BACKEND (auto | triton | ref) and say once which path runs. `python kernels.py` benchmarks them.
 """
-import itertools
 import math
 import os
 import sys
@@ -42,7 +41,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
                        return_last_state=False, initial_state=None):
     """mamba_ssm's selective_scan_ref: float32, a plain loop over time. Like it, it materializes the
     per-step decays and inputs, and the states, as (l, b, di, n) tensors: simple, not frugal."""
-    dtype, (b, di, L), g = u.dtype, u.shape, B.shape[1]
+    dtype, (b, di, _), g = u.dtype, u.shape, B.shape[1]
     u, delta = u.float(), delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]

@@ -11,7 +11,6 @@ hybrid scores all K+1 positions in one pass. Attention layers append K+1 KV entr
 rejected ones; Mamba layers keep one committed state and replay the accepted tokens inside the next
 verification kernel (Algorithm 2). On a GPU every step is replayed as a CUDA graph.
 """
-import math
 import os
 import sys
 import time
