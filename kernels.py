@@ -28,8 +28,10 @@ except ImportError:  # e.g. macOS: the reference is the only path, and `use_trit
 
 BACKEND = "auto"  # auto: Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1); ref: the loop
 CHUNK = 64  # time steps per chunk: the forward saves the state at chunk starts for the backward
+TILE = 8  # time steps the scan kernels load at once: 16 bytes of bf16 per channel
+FWD, BWD = (512, 1), (128, 1)  # the scan kernels' launch shapes, (states per warp, warps), chosen by `python kernels.py --sweep`
 CHANNELS = 16  # channels per program ...
-WARPS = 1  # ... and warps per program: the launch shape, chosen by the sweep in `python kernels.py`
+WARPS = 1  # ... and warps per program, for the decode kernels
 PIECES = 0  # long prompts at small batch: pieces of time run in parallel (0: as many as fill the GPU)
 POISON = False  # tests set it: outputs start as NaN, so an element a kernel forgets to write fails
 
@@ -105,7 +107,7 @@ def selective_state_verify_ref(state, x_prev, dt_prev, B_prev, replay, x, dt, A,
 # backward's dB and dC sums over channels. Why not `tl.associative_scan` along time: see the README (it does more work and
 # moves a [channels, states, time] tile through registers; the sequential walk does the minimum).
 
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
+LOG2E, LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)  # exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
@@ -114,147 +116,183 @@ def _softplus(x):  # log(1 + e^x), linear past 20 as in PyTorch
 
 
 @triton.jit
+def _col(x, k: tl.constexpr, idx):  # column k of a [rows, TILE] tile whose time axis sits in one thread: a register pick
+    return tl.sum(tl.where(idx[None, :] == k, x, -0.0), axis=1)
+
+
+@triton.jit
+def _put(x, k: tl.constexpr, idx, v):  # the same tile with column k set to v [rows]
+    return tl.where(idx[None, :] == k, v[:, None], x)
+
+
+@triton.jit
+def _delta(dt, bias, mt, SOFTPLUS: tl.constexpr):  # Delta for a [d, TILE] tile; 0 past L, which leaves h alone
+    dt = dt + bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    return tl.where(mt[None, :], dt, 0.0)
+
+
+@triton.jit
 def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, hc_ptr, last_ptr,
-                     L, DI, N, REP, n_chunks,
-                     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_Bb, s_Bg, s_Bn, s_Bl,
-                     s_Cb, s_Cg, s_Cn, s_Cl, s_ob, s_od, s_ol,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                     L, DI, N, REP, n_chunks, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     b, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
     d = pd * BLOCK_D + tl.arange(0, BLOCK_D)  # this program's channels
     n = tl.arange(0, BLOCK_N)
+    k = tl.arange(0, TILE)  # time within a tile
     mn = n < N
     g = (pd * BLOCK_D) // REP  # their group
-    dn = d[None, :] * N + n[:, None]  # offsets into (di, n) tensors
+    dn = d[:, None] * N + n[None, :]  # offsets into (di, n) tensors
     # stage 1: per-channel constants, A pre-scaled so that exp(dt * A) = exp2(dt * A2)
-    A2 = tl.load(A_ptr + dn, mask=mn[:, None], other=0.0) * LOG2E
-    Dv = tl.load(D_ptr + d) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
-    h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    A2 = tl.load(A_ptr + dn, mask=mn[None, :], other=0.0) * LOG2E
+    Dv = tl.load(D_ptr + d) if HAS_D else tl.zeros([BLOCK_D], dtype=tl.float32)
+    bias = tl.load(bias_ptr + d) if HAS_BIAS else tl.zeros([BLOCK_D], dtype=tl.float32)
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + b * DI * N + dn, mask=mn[:, None], other=0.0)
-    u_p, t_p, z_p = u_ptr + b * s_ub + d * s_ud, dt_ptr + b * s_tb + d * s_td, z_ptr + b * s_zb + d * s_zd
-    B_p, C_p = B_ptr + b * s_Bb + g * s_Bg + n * s_Bn, C_ptr + b * s_Cb + g * s_Cg + n * s_Cn
-    o_p = out_ptr + b * s_ob + d * s_od
-    hc_p = hc_ptr + (b * DI * n_chunks + d[None, :] * n_chunks) * N + n[:, None]  # (b, di, chunks, n)
-    # stage 2: load step 0; each step then prefetches the next one before it computes
-    u = tl.load(u_p).to(tl.float32)
-    dt = tl.load(t_p).to(tl.float32)
-    Bt = tl.load(B_p, mask=mn, other=0.0).to(tl.float32)
-    Ct = tl.load(C_p, mask=mn, other=0.0).to(tl.float32)
-    z = tl.load(z_p).to(tl.float32) if HAS_Z else 0.0
-    for t in range(L):
-        if t % CHUNK == 0:  # the backward restarts each chunk from here
-            tl.store(hc_p + (t // CHUNK) * N, h, mask=mn[:, None])
-        nxt_d, nxt_n = (d * 0 + t + 1) < L, mn & ((n * 0 + t + 1) < L)
-        u_n = tl.load(u_p + (t + 1) * s_ul, mask=nxt_d, other=0.0)
-        dt_n = tl.load(t_p + (t + 1) * s_tl, mask=nxt_d, other=0.0)
-        B_n = tl.load(B_p + (t + 1) * s_Bl, mask=nxt_n, other=0.0)
-        C_n = tl.load(C_p + (t + 1) * s_Cl, mask=nxt_n, other=0.0)
-        z_n = tl.load(z_p + (t + 1) * s_zl, mask=nxt_d, other=0.0) if HAS_Z else 0.0
-        # stage 3: Delta, the state update, and y = C . h + D u, gated by silu(z)
-        dt = dt + bias
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
-        y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
+        h = tl.load(h0_ptr + b * DI * N + dn, mask=mn[None, :], other=0.0)
+    rows = (b * DI + d)[:, None] * L + k[None, :]  # [d, TILE] tiles of u, delta, z, out: 16-byte loads along time
+    u_p, t_p, z_p, o_p = u_ptr + rows, dt_ptr + rows, z_ptr + rows, out_ptr + rows
+    bc = ((b * (DI // REP) + g) * N + n)[:, None] * L + k[None, :]  # [n, TILE] tiles of B and C
+    B_p, C_p = B_ptr + bc, C_ptr + bc
+    hc_p = hc_ptr + (b * DI * n_chunks + d[:, None] * n_chunks) * N + n[None, :]  # (b, di, chunks, n)
+    # stage 2: walk time a tile at a time; the next tile's loads are issued before this one's math
+    mt = k < L
+    u_n = tl.load(u_p, mask=mt[None, :], other=0.0)
+    t_n = tl.load(t_p, mask=mt[None, :], other=0.0)
+    z_n = tl.load(z_p, mask=mt[None, :], other=0.0) if HAS_Z else u_n
+    B_n = tl.load(B_p, mask=mn[:, None] & mt[None, :], other=0.0)
+    C_n = tl.load(C_p, mask=mn[:, None] & mt[None, :], other=0.0)
+    for t0 in range(0, L, TILE):
+        if t0 % CHUNK == 0:  # the backward restarts each chunk from here
+            tl.store(hc_p + (t0 // CHUNK) * N, h, mask=mn[None, :])
+        u, dt, z, Bt, Ct = u_n.to(tl.float32), t_n.to(tl.float32), z_n.to(tl.float32), B_n.to(tl.float32), C_n.to(tl.float32)
+        mt, mt_n = (t0 + k) < L, (t0 + TILE + k) < L
+        u_n = tl.load(u_p + (t0 + TILE), mask=mt_n[None, :], other=0.0)
+        t_n = tl.load(t_p + (t0 + TILE), mask=mt_n[None, :], other=0.0)
+        if HAS_Z:
+            z_n = tl.load(z_p + (t0 + TILE), mask=mt_n[None, :], other=0.0)
+        B_n = tl.load(B_p + (t0 + TILE), mask=mn[:, None] & mt_n[None, :], other=0.0)
+        C_n = tl.load(C_p + (t0 + TILE), mask=mn[:, None] & mt_n[None, :], other=0.0)
+        # stage 3: Delta for the whole tile
+        dt = _delta(dt, bias, mt, SOFTPLUS)
+        dtu = dt * u
+        # stage 4: the recurrence, one step per column: h = exp(Delta A) h + Delta B u; y = C . h
+        y = tl.zeros([BLOCK_D, TILE], dtype=tl.float32)
+        for s in tl.static_range(TILE):
+            B_s, C_s = _col(Bt, s, k), _col(Ct, s, k)
+            h = tl.exp2(_col(dt, s, k)[:, None] * A2) * h + _col(dtu, s, k)[:, None] * B_s[None, :]
+            y = _put(y, s, k, tl.sum(h * C_s[None, :], axis=1))
+        # stage 5: + D u, gated by silu(z), stored a tile at a time
+        y += Dv[:, None] * u
         if HAS_Z:
             y = y * z * tl.sigmoid(z)
-        tl.store(o_p + t * s_ol, y.to(out_ptr.dtype.element_ty))
-        u, dt, Bt, Ct = u_n.to(tl.float32), dt_n.to(tl.float32), B_n.to(tl.float32), C_n.to(tl.float32)
-        if HAS_Z:
-            z = z_n.to(tl.float32)
-    tl.store(last_ptr + b * DI * N + dn, h, mask=mn[:, None])
+        tl.store(o_p + t0, y.to(out_ptr.dtype.element_ty), mask=mt[None, :])
+    tl.store(last_ptr + b * DI * N + dn, h, mask=mn[None, :])
 
 
 @triton.jit
 def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hc_ptr, dout_ptr, scratch_ptr,
                      du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
-                     L, DI, N, REP, n_chunks,
-                     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_Bb, s_Bg, s_Bn, s_Bl,
-                     s_Cb, s_Cg, s_Cn, s_Cl, s_ob, s_od, s_ol,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                     L, DI, N, REP, n_chunks, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Walks the chunks from last to first. Per chunk: recompute its states from the saved chunk-start
     state into a small per-program scratch (CHUNK + 1 tiles, reused by every chunk), then walk back
     through it carrying dh. dA, dD, dbias are summed in registers; dB and dC are summed over the
-    program's channels, then added atomically (other programs share the group)."""
+    program's channels and stored per program, (b, programs, l, n): the caller adds the programs of a
+    group (no atomics)."""
     b, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
     d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
+    k = tl.arange(0, TILE)
     mn = n < N
     g = (pd * BLOCK_D) // REP
-    dn = d[None, :] * N + n[:, None]
-    tile = n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # [n, d], coalesced along d
+    dn = d[:, None] * N + n[None, :]
+    tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]  # a scratch tile [d, n]
     scratch = scratch_ptr + (b * tl.num_programs(1) + pd) * (CHUNK + 1) * BLOCK_D * BLOCK_N + tile
-    A = tl.load(A_ptr + dn, mask=mn[:, None], other=0.0)
-    A2 = A * LOG2E
-    Dv = tl.load(D_ptr + d) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
-    u_p, t_p, z_p = u_ptr + b * s_ub + d * s_ud, dt_ptr + b * s_tb + d * s_td, z_ptr + b * s_zb + d * s_zd
-    du_p, ddt_p, dz_p = du_ptr + b * s_ub + d * s_ud, ddt_ptr + b * s_tb + d * s_td, dz_ptr + b * s_zb + d * s_zd
-    o_p = dout_ptr + b * s_ob + d * s_od
-    B_p, C_p = B_ptr + b * s_Bb + g * s_Bg + n * s_Bn, C_ptr + b * s_Cb + g * s_Cg + n * s_Cn
-    dBC = (b * (DI // REP) + g) * L * N + n  # dB, dC accumulate in float32 (b, g, l, n): a step's n adds are adjacent
-    dh = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dA = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    A2 = tl.load(A_ptr + dn, mask=mn[None, :], other=0.0) * LOG2E
+    Dv = tl.load(D_ptr + d) if HAS_D else tl.zeros([BLOCK_D], dtype=tl.float32)
+    bias = tl.load(bias_ptr + d) if HAS_BIAS else tl.zeros([BLOCK_D], dtype=tl.float32)
+    rows = (b * DI + d)[:, None] * L + k[None, :]  # [d, TILE] tiles, as in the forward
+    u_p, t_p, z_p, o_p = u_ptr + rows, dt_ptr + rows, z_ptr + rows, dout_ptr + rows
+    du_p, ddt_p, dz_p = du_ptr + rows, ddt_ptr + rows, dz_ptr + rows
+    bc = ((b * (DI // REP) + g) * N + n)[:, None] * L + k[None, :]  # [n, TILE]
+    B_p, C_p = B_ptr + bc, C_ptr + bc
+    dBC = ((b * tl.num_programs(1) + pd) * L) * N + n  # this program's partial dB, dC (b, programs, l, n)
+    dh = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dA = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dD = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
     for i in range(n_chunks):
-        c = n_chunks - 1 - i
-        t0 = c * CHUNK
+        t0 = (n_chunks - 1 - i) * CHUNK
         steps = tl.minimum(CHUNK, L - t0)
-        # stage 1: recompute this chunk's states h_{t0-1} .. h_{t0+steps-1} into the scratch
-        h = tl.load(hc_ptr + (b * DI * n_chunks + d[None, :] * n_chunks + c) * N + n[:, None], mask=mn[:, None], other=0.0)
+        # stage 1: recompute this chunk's states h_{t0-1} .. into the scratch (steps past L repeat h)
+        h = tl.load(hc_ptr + (b * DI * n_chunks + d[:, None] * n_chunks + t0 // CHUNK) * N + n[None, :],
+                    mask=mn[None, :], other=0.0)
         tl.store(scratch, h)
-        for s in range(steps):
-            t = t0 + s
-            dt = tl.load(t_p + t * s_tl).to(tl.float32) + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            u = tl.load(u_p + t * s_ul).to(tl.float32)
-            Bt = tl.load(B_p + t * s_Bl, mask=mn, other=0.0).to(tl.float32)
-            h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
-            tl.store(scratch + (s + 1) * BLOCK_D * BLOCK_N, h)
+        for j in range(0, steps, TILE):
+            mt = (t0 + j + k) < L
+            dt = _delta(tl.load(t_p + (t0 + j), mask=mt[None, :], other=0.0).to(tl.float32), bias, mt, SOFTPLUS)
+            dtu = dt * tl.load(u_p + (t0 + j), mask=mt[None, :], other=0.0).to(tl.float32)
+            Bt = tl.load(B_p + (t0 + j), mask=mn[:, None] & mt[None, :], other=0.0).to(tl.float32)
+            for s in tl.static_range(TILE):
+                h = tl.exp2(_col(dt, s, k)[:, None] * A2) * h + _col(dtu, s, k)[:, None] * _col(Bt, s, k)[None, :]
+                tl.store(scratch + (j + s + 1) * BLOCK_D * BLOCK_N, h)
         tl.debug_barrier()
-        # stage 2: walk back through the chunk; h is h_t, h_prev is h_{t-1}
-        for j in range(steps):
-            s = steps - 1 - j
-            t = t0 + s
-            h_prev = tl.load(scratch + s * BLOCK_D * BLOCK_N)
-            dt_raw = tl.load(t_p + t * s_tl).to(tl.float32) + bias
-            dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
-            u = tl.load(u_p + t * s_ul).to(tl.float32)
-            Bt = tl.load(B_p + t * s_Bl, mask=mn, other=0.0).to(tl.float32)
-            Ct = tl.load(C_p + t * s_Cl, mask=mn, other=0.0).to(tl.float32)
-            dy = tl.load(o_p + t * s_ol).to(tl.float32)
-            if HAS_Z:  # out = y * silu(z): split dout into dy and dz
-                z = tl.load(z_p + t * s_zl).to(tl.float32)
-                y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
+        # stage 2: walk back through the chunk, a tile at a time, a step at a time; h is h_t, h_prev h_{t-1}
+        n_tiles = tl.cdiv(steps, TILE)
+        for jj in range(n_tiles):
+            j = (n_tiles - 1 - jj) * TILE
+            t = t0 + j
+            mt = (t + k) < L
+            dt_raw = tl.load(t_p + t, mask=mt[None, :], other=0.0).to(tl.float32) + bias[:, None]
+            dt = tl.where(mt[None, :], _softplus(dt_raw) if SOFTPLUS else dt_raw, 0.0)
+            u = tl.load(u_p + t, mask=mt[None, :], other=0.0).to(tl.float32)
+            Bt = tl.load(B_p + t, mask=mn[:, None] & mt[None, :], other=0.0).to(tl.float32)
+            Ct = tl.load(C_p + t, mask=mn[:, None] & mt[None, :], other=0.0).to(tl.float32)
+            dy = tl.load(o_p + t, mask=mt[None, :], other=0.0).to(tl.float32)  # dL/dout
+            if HAS_Z:  # out = y * silu(z): dz = dout * y * silu'(z) (y rebuilt below), and dy = dout * silu(z)
+                z = tl.load(z_p + t, mask=mt[None, :], other=0.0).to(tl.float32)
                 sz = tl.sigmoid(z)
-                tl.store(dz_p + t * s_zl, (dy * y * sz * (1.0 + z * (1.0 - sz))).to(dz_ptr.dtype.element_ty))
+                dz = dy * sz * (1.0 + z * (1.0 - sz))
                 dy = dy * z * sz
-            a = tl.exp2(dt[None, :] * A2)
-            dh += dy[None, :] * Ct[:, None]  # dL/dh_t
-            tl.atomic_add(dC_ptr + dBC + t * N, tl.sum(dy[None, :] * h, axis=1), mask=mn)
-            tl.atomic_add(dB_ptr + dBC + t * N, tl.sum(dh * (dt * u)[None, :], axis=1), mask=mn)
-            dhB = tl.sum(dh * Bt[:, None], axis=0)
-            da = dh * h_prev * a  # dL/d(dt * A)
-            ddt = dhB * u + tl.sum(da * A, axis=0)
-            tl.store(du_p + t * s_ul, (dhB * dt + dy * Dv).to(du_ptr.dtype.element_ty))
-            dA += da * dt[None, :]
-            dD += dy * u
+            y = Dv[:, None] * u
+            du = dy * Dv[:, None]
+            ddt = tl.zeros([BLOCK_D, TILE], dtype=tl.float32)
+            h = tl.load(scratch + (j + TILE) * BLOCK_D * BLOCK_N)
+            for s in tl.static_range(TILE - 1, -1, -1):
+                h_prev = tl.load(scratch + (j + s) * BLOCK_D * BLOCK_N)
+                C_s, B_s, dy_s, dt_s = _col(Ct, s, k), _col(Bt, s, k), _col(dy, s, k), _col(dt, s, k)
+                if HAS_Z:
+                    y = _put(y, s, k, _col(y, s, k) + tl.sum(h * C_s[None, :], axis=1))
+                a = tl.exp2(dt_s[:, None] * A2)
+                dh += dy_s[:, None] * C_s[None, :]  # dL/dh_t
+                ok = mn & (t + s + 0 * n < L)  # this step is inside the sequence
+                tl.store(dC_ptr + dBC + (t + s) * N, tl.sum(dy_s[:, None] * h, axis=0), mask=ok)
+                tl.store(dB_ptr + dBC + (t + s) * N, tl.sum(dh * (dt_s * _col(u, s, k))[:, None], axis=0), mask=ok)
+                dhB = tl.sum(dh * B_s[None, :], axis=1)
+                da = dh * h_prev * a  # dL/d(dt * A), times log2(e) below as A2 is
+                ddt = _put(ddt, s, k, dhB * _col(u, s, k) + tl.sum(da * A2, axis=1) * LN2)
+                du = _put(du, s, k, _col(du, s, k) + dhB * dt_s)
+                dA += da * dt_s[:, None]
+                dh = dh * a  # dL/dh_{t-1}, through the decay
+                h = h_prev
+            # stage 3: the tile's per-channel gradients, stored a tile at a time
+            tl.store(du_p + t, du.to(du_ptr.dtype.element_ty), mask=mt[None, :])
+            if HAS_Z:
+                tl.store(dz_p + t, (dz * y).to(dz_ptr.dtype.element_ty), mask=mt[None, :])
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(dt_raw)
-            dbias += ddt
-            tl.store(ddt_p + t * s_tl, ddt.to(ddt_ptr.dtype.element_ty))
-            dh = dh * a  # dL/dh_{t-1}, through the decay
-            h = h_prev
+            ddt = tl.where(mt[None, :], ddt, 0.0)
+            tl.store(ddt_p + t, ddt.to(ddt_ptr.dtype.element_ty), mask=mt[None, :])
+            dD += tl.sum(dy * u, axis=1)
+            dbias += tl.sum(ddt, axis=1)
         tl.debug_barrier()  # the next chunk overwrites the scratch
-    tl.store(dA_ptr + b * DI * N + dn, dA, mask=mn[:, None])  # per-batch partials, summed by the caller
+    tl.store(dA_ptr + b * DI * N + dn, dA, mask=mn[None, :])  # per-batch partials, summed by the caller
     tl.store(dD_ptr + b * DI + d, dD)
     tl.store(dbias_ptr + b * DI + d, dbias)
-    tl.store(dh0_ptr + b * DI * N + dn, dh, mask=mn[:, None])
+    tl.store(dh0_ptr + b * DI * N + dn, dh, mask=mn[None, :])
 
 
 @triton.jit
@@ -341,14 +379,22 @@ def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr,
 # Python wrappers: shapes checked, strides passed explicitly, optional inputs as constexpr flags
 
 
-def _blocks(di, groups, n):
-    """BLOCK_D: the largest power of two up to CHANNELS that divides the channels per group (so that a
-    program has one group); BLOCK_N: n rounded up to a power of two."""
+def _blocks(di, groups, n, channels=None):
+    """BLOCK_D: the largest power of two up to `channels` (CHANNELS) that divides the channels per group
+    (so that a program has one group); BLOCK_N: n rounded up to a power of two."""
     assert di % groups == 0, f"dim {di} is not a multiple of groups {groups}"
     rep, block_d = di // groups, 1
-    while rep % (2 * block_d) == 0 and 2 * block_d <= CHANNELS:
+    while rep % (2 * block_d) == 0 and 2 * block_d <= (channels or CHANNELS):
         block_d *= 2
     return block_d, triton.next_power_of_2(n)
+
+
+def _scan_blocks(di, groups, n, shape):
+    """The scan kernels' BLOCK_D, BLOCK_N and warps from a (states per warp, warps) shape: a program
+    holds about that many states per warp, so that d_state 16 gets more channels than d_state 64."""
+    states, warps = shape
+    block_n = triton.next_power_of_2(n)
+    return _blocks(di, groups, n, channels=max(1, states * warps // block_n))[0], block_n, warps
 
 
 def _alloc_like(t):  # same strides as t, so that a kernel can index both with t's strides
@@ -369,25 +415,32 @@ def _check(u, delta, A, B, C, z):
         f"expected A (di, n), B and C (b, g, n, l); got {tuple(A.shape)}, {tuple(B.shape)}, {tuple(C.shape)}"
 
 
+def _tile():
+    tile = min(TILE, CHUNK)
+    assert CHUNK % tile == 0, f"CHUNK ({CHUNK}) must be a multiple of TILE ({TILE})"
+    return tile
+
+
+def _flat(*ts):  # the scan kernels index (b, di, l) and (b, g, n, l) tensors as contiguous; float32 for the small ones
+    return [t.contiguous() if t is not None else None for t in ts]
+
+
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+        u, delta, B, C, z = _flat(u, delta, B, C, z)
+        A, D, bias, h0 = (t.float().contiguous() if t is not None else None for t in (A, D, delta_bias, initial_state))
         (b, di, L), (n, g) = u.shape, (A.shape[1], B.shape[1])
-        A, D, bias = A.float().contiguous(), D.float().contiguous() if D is not None else None, \
-            delta_bias.float().contiguous() if delta_bias is not None else None
-        h0 = initial_state.float().contiguous() if initial_state is not None else None
-        block_d, block_n = _blocks(di, g, n)
+        block_d, block_n, warps = _scan_blocks(di, g, n, FWD)
         n_chunks = triton.cdiv(L, CHUNK)
         out = _alloc_like(u)
         chunk_states = _alloc(b, di, n_chunks, n, like=u, dtype=torch.float32)
         last = _alloc(b, di, n, like=u, dtype=torch.float32)
-        zz = z if z is not None else u
         _scan_fwd_kernel[(b, di // block_d)](
-            u, delta, A, B, C, D if D is not None else A, zz, bias if bias is not None else A, h0 if h0 is not None else A,
-            out, chunk_states, last, L, di, n, di // g, n_chunks, *u.stride(), *delta.stride(), *zz.stride(),
-            *B.stride(), *C.stride(), *out.stride(), HAS_D=D is not None, HAS_Z=z is not None,
-            HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SOFTPLUS=delta_softplus, CHUNK=CHUNK,
-            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
+            u, delta, A, B, C, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
+            h0 if h0 is not None else A, out, chunk_states, last, L, di, n, di // g, n_chunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
+            SOFTPLUS=delta_softplus, CHUNK=CHUNK, TILE=_tile(), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias, chunk_states)
         ctx.flags = (delta_softplus, initial_state is not None, delta_bias is not None and delta_bias.dtype)
         ctx.mark_non_differentiable(last)
@@ -398,22 +451,22 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, bias, chunk_states = ctx.saved_tensors
         softplus, has_h0, bias_dtype = ctx.flags
         (b, di, L), (n, g) = u.shape, (A.shape[1], B.shape[1])
-        block_d, block_n = _blocks(di, g, n)
+        block_d, block_n, warps = _scan_blocks(di, g, n, BWD)
+        programs = di // block_d
         n_chunks = chunk_states.shape[2]
+        dout = dout.contiguous()
         du, ddelta, dz = _alloc_like(u), _alloc_like(delta), _alloc_like(z) if z is not None else u
-        dB, dC = (torch.zeros(b, g, L, n, device=u.device) for _ in range(2))  # float32, for atomic adds
+        dB, dC = _alloc(b, programs, L, n, like=u, dtype=torch.float32), _alloc(b, programs, L, n, like=u, dtype=torch.float32)
         dA, dh0 = _alloc(b, di, n, like=u, dtype=torch.float32), _alloc(b, di, n, like=u, dtype=torch.float32)
         dD, dbias = _alloc(b, di, like=u, dtype=torch.float32), _alloc(b, di, like=u, dtype=torch.float32)
-        grid = (b, di // block_d)
-        scratch = torch.empty(b * grid[1] * (CHUNK + 1) * block_d * block_n, device=u.device)
-        zz = z if z is not None else u
-        _scan_bwd_kernel[grid](
-            u, delta, A, B, C, D if D is not None else A, zz, bias if bias is not None else A,
+        scratch = torch.empty(b * programs * (CHUNK + 1) * block_d * block_n, device=u.device)
+        _scan_bwd_kernel[(b, programs)](
+            u, delta, A, B, C, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
             chunk_states, dout, scratch, du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, L, di, n, di // g, n_chunks,
-            *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *dout.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-            CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
-        dB, dC = dB.transpose(2, 3).to(B.dtype), dC.transpose(2, 3).to(C.dtype)  # (b, g, n, l), as B and C
+            CHUNK=CHUNK, TILE=_tile(), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
+        # each program summed its channels' dB, dC; the programs of one group add up here, (b, g, n, l) as B and C
+        dB, dC = (x.view(b, g, programs // g, L, n).sum(2).transpose(2, 3).to(B.dtype) for x in (dB, dC))
         return (du, ddelta, dA.sum(0), dB, dC, dD.sum(0) if D is not None else None, dz if z is not None else None,
                 dbias.sum(0).to(bias_dtype) if bias_dtype else None, dh0 if has_h0 else None, None)
 
@@ -435,7 +488,7 @@ def _pieces(u, groups, n):
     """How many pieces to cut time into for a long prompt at small batch, where the b * di / BLOCK_D
     programs of one walk over time would leave most of the GPU idle (PIECES overrides it)."""
     (b, di, L), sms = u.shape, torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
-    pieces = PIECES or 2 ** int(math.log2(max(1, 8 * sms * _blocks(di, groups, n)[0] // (b * di))))
+    pieces = PIECES or 2 ** int(math.log2(max(1, 8 * sms * _scan_blocks(di, groups, n, FWD)[0] // (b * di))))
     while pieces > 1 and (L % pieces or L // pieces < 4 * CHUNK):
         pieces //= 2
     return pieces if (PIECES or u.is_cuda) else 1
@@ -648,11 +701,13 @@ def benchmark():
 
 
 def sweep(bench):
-    """The launch shape: states per program x warps, forward and backward, S1 and S2."""
-    global CHANNELS, WARPS
-    totals = {}
-    print("\n| channels / program | warps | S1 fwd us | S1 bwd us | S2 fwd us | S2 bwd us |\n| --- | --- | --- | --- | --- | --- |")
-    for CHANNELS, WARPS in ((16, 1), (32, 1), (32, 2), (64, 1), (64, 2), (128, 4)):
+    """The scan kernels' launch shapes, (states per warp, warps), timed on S1 and S2; the forward and
+    the backward each keep their best."""
+    global FWD, BWD
+    fwd, bwd = {}, {}
+    print("\n| states / warp | warps | S1 fwd us | S2 fwd us | S1 bwd us | S2 bwd us |\n| --- | --- | --- | --- | --- | --- |")
+    for shape in ((128, 1), (256, 1), (512, 1), (256, 2), (512, 2), (512, 4)):
+        FWD = BWD = shape
         cells = []
         for b, di, n, g, L in ((8, 2048, 16, 1, 2048), (8, 2048, 64, 32, 2048)):
             r = lambda *s: torch.randn(*s, device="cuda")
@@ -662,10 +717,10 @@ def sweep(bench):
             y = selective_scan(**leaves, delta_softplus=True)
             dy = torch.randn_like(y)
             cells += [bench(lambda: selective_scan(**leaves, delta_softplus=True)), bench(lambda: y.backward(dy, retain_graph=True))]
-        print(f"| {CHANNELS} | {WARPS} | " + " | ".join(f"{t * 1e6:.0f}" for t in cells) + " |", flush=True)
-        totals[CHANNELS, WARPS] = sum(cells)
-    CHANNELS, WARPS = min(totals, key=totals.get)
-    print(f"the table below uses {CHANNELS} channels per program, {WARPS} warp(s)")
+        fwd[shape], bwd[shape] = cells[0] + cells[2], cells[1] + cells[3]
+        print(f"| {shape[0]} | {shape[1]} | " + " | ".join(f"{cells[i] * 1e6:.0f}" for i in (0, 2, 1, 3)) + " |", flush=True)
+    FWD, BWD = min(fwd, key=fwd.get), min(bwd, key=bwd.get)
+    print(f"the table below uses FWD = {FWD}, BWD = {BWD} (states per warp, warps)")
 
 
 def training_speed():
@@ -678,6 +733,7 @@ def training_speed():
     model = mil.Model(cfg).cuda()
     idx = torch.randint(0, cfg.vocab_size, (16, 512), device="cuda")
     times = {}
+    kernels.FWD, kernels.BWD = FWD, BWD  # what the sweep chose, if it ran
     for backend in ("triton", "ref"):
         kernels.BACKEND = backend
 
