@@ -27,7 +27,7 @@ except ImportError:  # e.g. macOS: the reference is the only path, and `use_trit
     triton, tl, HAVE_TRITON = SimpleNamespace(jit=lambda f: f), SimpleNamespace(constexpr=float), False
 
 BACKEND = "auto"  # auto: Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1); ref: the loop
-CHUNK = 64  # time steps per chunk: the forward saves the state at chunk starts for the backward
+CHUNK = 32  # time steps per chunk: the forward saves the state at chunk starts for the backward
 TILE = 8  # time steps the scan kernels load at once: 16 bytes of bf16 per channel
 FWD, BWD = (512, 1), (128, 1)  # the scan kernels' launch shapes, (states per warp, warps), chosen by `python kernels.py --sweep`
 CHANNELS = 16  # channels per program ...
@@ -496,8 +496,8 @@ def _pieces(u, groups, n):
 
 def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, pieces):
     """Prefill of a long prompt (no gradients), with time cut into P pieces run as extra batch rows:
-    (1) each piece from a zero state, for its end state; (2) a short pass over the pieces carries the
-    true start states, h_start[p+1] = exp(A * sum_p Delta) h_start[p] + end[p]; (3) each piece again
+    (1) each piece from a zero state, for its end state; (2) the true start states, h_start[p] =
+    sum_{q<p} exp(A * Delta summed from q's end to p's start) end[q], one einsum; (3) each piece again
     from its true start, for the outputs. Twice the work, P times shorter walks."""
     b, di, L = u.shape
     rows = lambda x: rearrange(x, "b d (p t) -> (b p) d t", p=pieces) if x is not None else None
@@ -506,14 +506,18 @@ def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial
                              delta_softplus=delta_softplus, return_last_state=True)
     dt = delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0)
     dt = F.softplus(dt) if delta_softplus else dt
-    decay = torch.exp(A.float()[None, :, :, None] * dt.view(b, di, pieces, -1).sum(-1)[:, :, None, :])  # (b, di, n, p)
-    h = initial_state.float() if initial_state is not None else u.new_zeros(b, di, A.shape[1], dtype=torch.float32)
-    ends, starts = ends.view(b, pieces, di, -1), []
-    for p in range(pieces):
-        starts.append(h)
-        h = decay[..., p] * h + ends[:, p]
+    log_decay = A.float()[None, :, :, None] * dt.view(b, di, pieces, -1).sum(-1)[:, :, None, :]  # (b, di, n, p)
+    S = log_decay.cumsum(-1)  # log of the decay from the start to the end of piece p
+    S_before = S - log_decay  # ... to the start of piece p
+    p = torch.arange(pieces, device=u.device)
+    gap = (S_before[..., :, None] - S[..., None, :]).masked_fill(p[None, :] >= p[:, None], -math.inf)  # (.., p, q<p)
+    ends = rearrange(ends, "(b p) d n -> b d n p", p=pieces)
+    starts = torch.einsum("bdnpq,bdnq->bdnp", gap.exp(), ends)  # all that the earlier pieces carry in
+    if initial_state is not None:
+        starts = starts + S_before.exp() * initial_state.float()[..., None]
+    h = log_decay[..., -1].exp() * starts[..., -1] + ends[..., -1]
     y = selective_scan(rows(u), rows(delta), A, rows_bc(B), rows_bc(C), D, rows(z), delta_bias, delta_softplus,
-                       initial_state=torch.stack(starts, 1).flatten(0, 1))
+                       initial_state=rearrange(starts, "b d n p -> (b p) d n"))
     return rearrange(y, "(b p) d t -> b d (p t)", p=pieces), h
 
 
