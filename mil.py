@@ -430,18 +430,17 @@ class MambaMixer(nn.Module):
             self.conv1d.reset_parameters()
 
     def project(self, o):
-        """The SSM's inputs from the layer input o (b, l, d), in the scan's layout. W @ o^T gives
-        (b, out, l) straight from the matmul: time is contiguous, no transposing copy."""
+        """The SSM's inputs from the layer input o (b, l, d), in the scan's layout."""
         rep, e = self.cfg.n_head // self.cfg.n_kv_head, self.cfg.head_dim
-        x = repeat(self.v_proj.weight @ o.mT, "b (g e) l -> b (g r e) l", r=rep, e=e)  # (b, di, l), head-major
-        B = repeat(self.k_proj.weight @ o.mT, "b (g e) l -> b (g r) e l", r=rep, e=e)  # (b, h, n, l)
-        C = rearrange(self.q_proj.weight @ o.mT, "b (h e) l -> b h e l", e=e)  # (b, h, n, l)
-        return x, B, C
+        x = repeat(self.v_proj(o), "b l (g e) -> b (g r e) l", r=rep, e=e)  # (b, di, l), head-major
+        B = repeat(self.k_proj(o), "b l (g e) -> b (g r) e l", r=rep, e=e)  # (b, h, n, l)
+        C = rearrange(self.q_proj(o), "b l (h e) -> b h e l", e=e)  # (b, h, n, l)
+        return x, B.contiguous(), C
 
     def forward(self, o, rope=None, cache=None):  # o (b, l, d); rope is unused: no positions here
         x, B, C = self.project(o)
-        z = self.z_proj.weight @ o.mT  # (b, di, l)
-        dt = self.dt_proj.weight @ self.dt_in_proj(o).mT  # (di, r) @ (b, r, l) -> (b, di, l)
+        z = rearrange(self.z_proj(o), "b l di -> b di l")
+        dt = self.dt_proj.weight @ self.dt_in_proj(o).transpose(1, 2)  # (di, r) @ (b, r, l) -> (b, di, l)
         # causal conv over time: left-pad with zeros, or with the cached last inputs when decoding
         k = self.cfg.d_conv - 1
         past = cache.conv if cache is not None else x.new_zeros(x.shape[0], x.shape[1], k)
