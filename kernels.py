@@ -101,11 +101,11 @@ def selective_state_verify_ref(state, x_prev, dt_prev, B_prev, replay, x, dt, A,
 
 # -----------------------------------------------------------------------------------------------
 # Triton kernels. One program owns BLOCK_D channels of one batch row (all in one group, so they share
-# B_t and C_t) and keeps their states, a [BLOCK_N, BLOCK_D] float32 tile, in registers while it walks
-# time step by step. With one warp and BLOCK_D = 16 or 32, each thread holds one channel's states (or
-# half of them): the sum over n stays in the thread, and nothing is exchanged across the warp but the
-# backward's dB and dC sums over channels. Why not `tl.associative_scan` along time: see the README (it does more work and
-# moves a [channels, states, time] tile through registers; the sequential walk does the minimum).
+# B_t and C_t) and keeps their states in registers while it walks time. The scan kernels read time in
+# tiles of TILE steps: u, Delta, z as [BLOCK_D, TILE] tiles (16-byte loads), B and C as [BLOCK_N, TILE];
+# column s of a tile is a compile-time register pick (`_col`), outputs gather into a tile (`_put`).
+# The decode kernels hold the states as [BLOCK_N, BLOCK_D]. Why not `tl.associative_scan` along time:
+# see the README (it does more work and moves a [channels, states, time] tile through registers).
 
 LOG2E, LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)  # exp(x) = exp2(x * log2(e))
 
