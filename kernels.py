@@ -376,7 +376,8 @@ def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr,
 
 
 # -----------------------------------------------------------------------------------------------
-# Python wrappers: shapes checked, strides passed explicitly, optional inputs as constexpr flags
+# Python wrappers: shapes checked, optional inputs as constexpr flags; the scan kernels take contiguous
+# tensors, the decode kernels any strides (passed explicitly)
 
 
 def _blocks(di, groups, n, channels=None):
@@ -421,7 +422,7 @@ def _tile():
     return tile
 
 
-def _flat(*ts):  # the scan kernels index (b, di, l) and (b, g, n, l) tensors as contiguous; float32 for the small ones
+def _flat(*ts):  # the scan kernels index (b, di, l) and (b, g, n, l) tensors as contiguous
     return [t.contiguous() if t is not None else None for t in ts]
 
 
