@@ -135,10 +135,15 @@ def _delta(dt, bias, mt, SOFTPLUS: tl.constexpr):  # Delta for a [d, TILE] tile;
 
 @triton.jit
 def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, hc_ptr, last_ptr,
-                     L, DI, N, REP, n_chunks, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+                     dtsum_ptr, L, T, P, DI, N, REP, n_chunks, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, OUTPUT: tl.constexpr,
+                     SAVE_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_N: tl.constexpr):
-    b, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    """One program walks T steps of BLOCK_D channels: piece row % P of batch row row // P (P = 1, T = L:
+    the whole sequence). OUTPUT=False (the first pass of a prefill in pieces) computes only the end
+    state and the sum of Delta; SAVE_CHUNKS keeps the chunk-start states for the backward."""
+    row, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    b, start = row // P, (row % P) * T
     d = pd * BLOCK_D + tl.arange(0, BLOCK_D)  # this program's channels
     n = tl.arange(0, BLOCK_N)
     k = tl.arange(0, TILE)  # time within a tile
@@ -151,45 +156,54 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     bias = tl.load(bias_ptr + d) if HAS_BIAS else tl.zeros([BLOCK_D], dtype=tl.float32)
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + b * DI * N + dn, mask=mn[None, :], other=0.0)
-    rows = (b * DI + d)[:, None] * L + k[None, :]  # [d, TILE] tiles of u, delta, z, out: 16-byte loads along time
+        h = tl.load(h0_ptr + row * DI * N + dn, mask=mn[None, :], other=0.0)
+    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    rows = (b * DI + d)[:, None] * L + start + k[None, :]  # [d, TILE] tiles of u, delta, z, out: 16-byte loads along time
     u_p, t_p, z_p, o_p = u_ptr + rows, dt_ptr + rows, z_ptr + rows, out_ptr + rows
-    bc = ((b * (DI // REP) + g) * N + n)[:, None] * L + k[None, :]  # [n, TILE] tiles of B and C
+    bc = ((b * (DI // REP) + g) * N + n)[:, None] * L + start + k[None, :]  # [n, TILE] tiles of B and C
     B_p, C_p = B_ptr + bc, C_ptr + bc
-    hc_p = hc_ptr + (b * DI * n_chunks + d[:, None] * n_chunks) * N + n[None, :]  # (b, di, chunks, n)
+    hc_p = hc_ptr + (row * DI * n_chunks + d[:, None] * n_chunks) * N + n[None, :]  # (b, di, chunks, n)
     # stage 2: walk time a tile at a time; the next tile's loads are issued before this one's math
-    mt = k < L
+    mt = k < T
     u_n = tl.load(u_p, mask=mt[None, :], other=0.0)
     t_n = tl.load(t_p, mask=mt[None, :], other=0.0)
-    z_n = tl.load(z_p, mask=mt[None, :], other=0.0) if HAS_Z else u_n
+    z_n = tl.load(z_p, mask=mt[None, :], other=0.0) if HAS_Z and OUTPUT else u_n
     B_n = tl.load(B_p, mask=mn[:, None] & mt[None, :], other=0.0)
-    C_n = tl.load(C_p, mask=mn[:, None] & mt[None, :], other=0.0)
-    for t0 in range(0, L, TILE):
-        if t0 % CHUNK == 0:  # the backward restarts each chunk from here
+    C_n = tl.load(C_p, mask=mn[:, None] & mt[None, :], other=0.0) if OUTPUT else B_n
+    for t0 in range(0, T, TILE):
+        if SAVE_CHUNKS and t0 % CHUNK == 0:  # the backward restarts each chunk from here
             tl.store(hc_p + (t0 // CHUNK) * N, h, mask=mn[None, :])
         u, dt, z, Bt, Ct = u_n.to(tl.float32), t_n.to(tl.float32), z_n.to(tl.float32), B_n.to(tl.float32), C_n.to(tl.float32)
-        mt, mt_n = (t0 + k) < L, (t0 + TILE + k) < L
+        mt, mt_n = (t0 + k) < T, (t0 + TILE + k) < T
         u_n = tl.load(u_p + (t0 + TILE), mask=mt_n[None, :], other=0.0)
         t_n = tl.load(t_p + (t0 + TILE), mask=mt_n[None, :], other=0.0)
-        if HAS_Z:
+        if HAS_Z and OUTPUT:
             z_n = tl.load(z_p + (t0 + TILE), mask=mt_n[None, :], other=0.0)
         B_n = tl.load(B_p + (t0 + TILE), mask=mn[:, None] & mt_n[None, :], other=0.0)
-        C_n = tl.load(C_p + (t0 + TILE), mask=mn[:, None] & mt_n[None, :], other=0.0)
+        if OUTPUT:
+            C_n = tl.load(C_p + (t0 + TILE), mask=mn[:, None] & mt_n[None, :], other=0.0)
         # stage 3: Delta for the whole tile
         dt = _delta(dt, bias, mt, SOFTPLUS)
         dtu = dt * u
-        # stage 4: the recurrence, one step per column: h = exp(Delta A) h + Delta B u; y = C . h
-        y = tl.zeros([BLOCK_D, TILE], dtype=tl.float32)
-        for s in tl.static_range(TILE):
-            B_s, C_s = _col(Bt, s, k), _col(Ct, s, k)
-            h = tl.exp2(_col(dt, s, k)[:, None] * A2) * h + _col(dtu, s, k)[:, None] * B_s[None, :]
-            y = _put(y, s, k, tl.sum(h * C_s[None, :], axis=1))
-        # stage 5: + D u, gated by silu(z), stored a tile at a time
-        y += Dv[:, None] * u
-        if HAS_Z:
-            y = y * z * tl.sigmoid(z)
-        tl.store(o_p + t0, y.to(out_ptr.dtype.element_ty), mask=mt[None, :])
-    tl.store(last_ptr + b * DI * N + dn, h, mask=mn[None, :])
+        if OUTPUT:
+            # stage 4: the recurrence, one step per column: h = exp(Delta A) h + Delta B u; y = C . h
+            y = tl.zeros([BLOCK_D, TILE], dtype=tl.float32)
+            for s in tl.static_range(TILE):
+                B_s, C_s = _col(Bt, s, k), _col(Ct, s, k)
+                h = tl.exp2(_col(dt, s, k)[:, None] * A2) * h + _col(dtu, s, k)[:, None] * B_s[None, :]
+                y = _put(y, s, k, tl.sum(h * C_s[None, :], axis=1))
+            # stage 5: + D u, gated by silu(z), stored a tile at a time
+            y += Dv[:, None] * u
+            if HAS_Z:
+                y = y * z * tl.sigmoid(z)
+            tl.store(o_p + t0, y.to(out_ptr.dtype.element_ty), mask=mt[None, :])
+        else:  # the state alone, and the Delta that the pieces' decays are made of
+            for s in tl.static_range(TILE):
+                h = tl.exp2(_col(dt, s, k)[:, None] * A2) * h + _col(dtu, s, k)[:, None] * _col(Bt, s, k)[None, :]
+            dt_sum += tl.sum(dt, axis=1)
+    tl.store(last_ptr + row * DI * N + dn, h, mask=mn[None, :])
+    if not OUTPUT:
+        tl.store(dtsum_ptr + row * DI + d, dt_sum)
 
 
 @triton.jit
@@ -426,22 +440,38 @@ def _flat(*ts):  # the scan kernels index (b, di, l) and (b, g, n, l) tensors as
     return [t.contiguous() if t is not None else None for t in ts]
 
 
+def _scan_fwd(u, delta, A, B, C, D, z, bias, h0, softplus, pieces=1, output=True, save_chunks=False):
+    """Launch the forward kernel: b * pieces rows of programs, each walking L / pieces steps. Returns
+    out (b, di, l) or None, the chunk-start states or None, the end states (b * pieces, di, n) and,
+    without output, each piece's sum of Delta (b * pieces, di)."""
+    (b, di, L), (n, g) = u.shape, (A.shape[1], B.shape[1])
+    block_d, block_n, warps = _scan_blocks(di, g, n, FWD)
+    n_chunks = triton.cdiv(L, CHUNK)
+    out = _alloc_like(u) if output else None
+    chunk_states = _alloc(b, di, n_chunks, n, like=u, dtype=torch.float32) if save_chunks else None
+    last = _alloc(b * pieces, di, n, like=u, dtype=torch.float32)
+    dt_sums = None if output else _alloc(b * pieces, di, like=u, dtype=torch.float32)
+    _scan_fwd_kernel[(b * pieces, di // block_d)](
+        u, delta, A, B, C, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
+        h0 if h0 is not None else A, out if output else u, chunk_states if save_chunks else A, last,
+        dt_sums if not output else A, L, L // pieces, pieces, di, n, di // g, n_chunks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
+        SOFTPLUS=softplus, OUTPUT=output, SAVE_CHUNKS=save_chunks, CHUNK=CHUNK, TILE=_tile(), BLOCK_D=block_d,
+        BLOCK_N=block_n, num_warps=warps)
+    return out, chunk_states, last, dt_sums
+
+
+def _floats(*ts):  # A, D, Delta's bias, the initial state: float32, contiguous
+    return [t.float().contiguous() if t is not None else None for t in ts]
+
+
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         u, delta, B, C, z = _flat(u, delta, B, C, z)
-        A, D, bias, h0 = (t.float().contiguous() if t is not None else None for t in (A, D, delta_bias, initial_state))
-        (b, di, L), (n, g) = u.shape, (A.shape[1], B.shape[1])
-        block_d, block_n, warps = _scan_blocks(di, g, n, FWD)
-        n_chunks = triton.cdiv(L, CHUNK)
-        out = _alloc_like(u)
-        chunk_states = _alloc(b, di, n_chunks, n, like=u, dtype=torch.float32)
-        last = _alloc(b, di, n, like=u, dtype=torch.float32)
-        _scan_fwd_kernel[(b, di // block_d)](
-            u, delta, A, B, C, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-            h0 if h0 is not None else A, out, chunk_states, last, L, di, n, di // g, n_chunks,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
-            SOFTPLUS=delta_softplus, CHUNK=CHUNK, TILE=_tile(), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
+        A, D, bias, h0 = _floats(A, D, delta_bias, initial_state)
+        out, chunk_states, last, _ = _scan_fwd(u, delta, A, B, C, D, z, bias, h0, delta_softplus,
+                                               save_chunks=any(ctx.needs_input_grad))
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias, chunk_states)
         ctx.flags = (delta_softplus, initial_state is not None, delta_bias is not None and delta_bias.dtype)
         ctx.mark_non_differentiable(last)
@@ -496,30 +526,28 @@ def _pieces(u, groups, n):
 
 
 def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, pieces):
-    """Prefill of a long prompt (no gradients), with time cut into P pieces run as extra batch rows:
-    (1) each piece from a zero state, for its end state; (2) the true start states, h_start[p] =
-    sum_{q<p} exp(A * Delta summed from q's end to p's start) end[q], one einsum; (3) each piece again
-    from its true start, for the outputs. Twice the work, P times shorter walks."""
+    """Prefill of a long prompt (no gradients), with time cut into P pieces run as extra rows of
+    programs: (1) each piece from a zero state, for its end state and its sum of Delta (no outputs);
+    (2) the true start states, h_start[p] = sum_{q<p} exp(A * Delta summed from q's end to p's start)
+    end[q], one einsum; (3) each piece again from its true start, for the outputs. About 1.6x the
+    work of one walk, P times shorter walks."""
     b, di, L = u.shape
-    rows = lambda x: rearrange(x, "b d (p t) -> (b p) d t", p=pieces) if x is not None else None
-    rows_bc = lambda x: rearrange(x, "b g n (p t) -> (b p) g n t", p=pieces)
-    _, ends = selective_scan(rows(u), rows(delta), A, rows_bc(B), rows_bc(C), delta_bias=delta_bias,
-                             delta_softplus=delta_softplus, return_last_state=True)
-    dt = delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0)
-    dt = F.softplus(dt) if delta_softplus else dt
-    log_decay = A.float()[None, :, :, None] * dt.view(b, di, pieces, -1).sum(-1)[:, :, None, :]  # (b, di, n, p)
+    u, delta, B, C, z = _flat(u, delta, B, C, z)
+    A, D, bias, h0 = _floats(A, D, delta_bias, initial_state)
+    _, _, ends, dt_sums = _scan_fwd(u, delta, A, B, C, None, None, bias, None, delta_softplus, pieces, output=False)
+    log_decay = A[None, :, :, None] * rearrange(dt_sums, "(b p) d -> b d p", p=pieces)[:, :, None, :]  # (b, di, n, p)
     S = log_decay.cumsum(-1)  # log of the decay from the start to the end of piece p
     S_before = S - log_decay  # ... to the start of piece p
     p = torch.arange(pieces, device=u.device)
     gap = (S_before[..., :, None] - S[..., None, :]).masked_fill(p[None, :] >= p[:, None], -math.inf)  # (.., p, q<p)
     ends = rearrange(ends, "(b p) d n -> b d n p", p=pieces)
     starts = torch.einsum("bdnpq,bdnq->bdnp", gap.exp(), ends)  # all that the earlier pieces carry in
-    if initial_state is not None:
-        starts = starts + S_before.exp() * initial_state.float()[..., None]
+    if h0 is not None:
+        starts = starts + S_before.exp() * h0[..., None]
     h = log_decay[..., -1].exp() * starts[..., -1] + ends[..., -1]
-    y = selective_scan(rows(u), rows(delta), A, rows_bc(B), rows_bc(C), D, rows(z), delta_bias, delta_softplus,
-                       initial_state=rearrange(starts, "b d n p -> (b p) d n"))
-    return rearrange(y, "(b p) d t -> b d (p t)", p=pieces), h
+    y, _, _, _ = _scan_fwd(u, delta, A, B, C, D, z, bias, rearrange(starts, "b d n p -> (b p) d n").contiguous(),
+                           delta_softplus, pieces)
+    return y, h
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
