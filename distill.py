@@ -53,6 +53,7 @@ DEFAULTS = dict(
     targets="corpus",  # corpus | teacher (pseudo-labels: the paper's sequence-level distillation)
     pseudo_sequences=512,  # how many teacher generations to sample (once, cached) for targets=teacher
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
+    draft_layers=1,  # the speculative-decoding draft's layers (README: 1 vs 2 on the H200)
     ablate=False,
 )
 
@@ -274,15 +275,18 @@ def finetune_stage(cfg, data, teacher, student, name):
 
 
 def draft_stage(cfg, data, teacher):
-    """The speculative-decoding draft, shared by every hybrid: a 2-layer Transformer built from the
-    teacher's first and last layers ("shrink and fine-tune", the paper's Table 5), trained with KL."""
-    draft_cfg = replace(teacher.cfg, n_layer=2, attn_layers=None)
+    """The speculative-decoding draft, shared by every hybrid: a `draft_layers`-layer Transformer made
+    of the teacher's layers, first and last kept ("shrink and fine-tune", the paper's Table 5), trained
+    with KL. At batch 1 a step costs about its number of kernels, so fewer layers is a cheaper draft."""
+    n, m = teacher.cfg.n_layer, cfg["draft_layers"]
+    if not 1 <= m < n:
+        raise SystemExit(f"--draft_layers takes 1 to {n - 1} (the teacher has {n} layers); got {m}")
+    draft_cfg = replace(teacher.cfg, n_layer=m, attn_layers=None)
     if done := finished(cfg, data, "draft", draft_cfg):
         return done
-    n = teacher.cfg.n_layer
     draft = mil.Model(draft_cfg).to(data.device)
     sd = {k: v for k, v in teacher.state_dict().items() if not k.startswith("layers.")}
-    for i, src in enumerate((0, n - 1)):
+    for i, src in enumerate([round(i * (n - 1) / (m - 1)) for i in range(m)] if m > 1 else [0]):
         sd.update({k.replace(f"layers.{src}.", f"layers.{i}.", 1): v for k, v in teacher.state_dict().items()
                    if k.startswith(f"layers.{src}.")})
     draft.load_state_dict(sd)

@@ -249,13 +249,9 @@ def kept_attention(n_layer, fraction):
 # The Llama pieces
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.RMSNorm):  # x / sqrt(mean(x^2) + eps) * weight, one fused kernel on GPU
     def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        super().__init__(dim, eps=eps)
 
 
 def rope_tables(inv_freq, start, length):
@@ -272,41 +268,51 @@ def apply_rope(x, cos, sin):  # x (b, heads, l, e): Llama's rotate-half form
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
-class AttnCache:
+class Cache:
+    """The length of a layer's cache. `pos`, on the device, is what the kernels read, so that a decode
+    step, or a whole round of speculative decoding, can be replayed as a CUDA graph. `len` is the host's
+    copy, for checks and to pick the prefill path; None once a length set on the device (a speculative
+    round's accept, a graph's replays) has made it unknown to the host."""
+
+    def __init__(self, device):
+        self.len, self.last, self.pos = 0, 0, torch.zeros((), dtype=torch.long, device=device)
+
+    def advance(self, length):  # `length` positions were appended
+        self.pos += length
+        self.len, self.last = None if self.len is None else self.len + length, length
+
+    def accept(self, m):  # of the positions the last append added, keep the first m (an int or a device tensor)
+        self.pos += m - self.last
+        self.len = self.len - self.last + m if isinstance(m, int) and self.len is not None else None
+
+    def truncate(self, length):  # keep the first `length` positions (an int or a device tensor)
+        self.pos.copy_(torch.as_tensor(length))
+        self.len = length if isinstance(length, int) else None
+
+
+class AttnCache(Cache):
     """Static KV cache of one attention layer: (b, g, t_max, e). Appends of any number of tokens
-    (prefill; the K+1 positions of speculative verification) and `accept` (drop rejected drafts).
-    `len` (a Python int) sizes the work; `pos`, the same number on the device, is what the kernels
-    read, so that a decode step can be replayed as a CUDA graph."""
+    (prefill; the K+1 positions of speculative verification), `accept` (drop rejected drafts)."""
 
     def __init__(self, cfg, batch, max_len, device, dtype):
+        super().__init__(device)
         shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-        self.len, self.last, self.pos = 0, 0, torch.zeros((), dtype=torch.long, device=device)
 
     def append(self, k, v):  # k, v (b, g, l, e) -> keys, values (b, g, t, e) and a mask (l, t) or None
         length = k.shape[2]
-        if self.len + length > self.k.shape[2]:
+        if self.len is not None and self.len + length > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked for {self.len + length}")
         if self.len == 0:  # prefill: plain causal attention over the prompt
             self.k[:, :, :length], self.v[:, :, :length] = k, v
-            self.pos.fill_(length)
-            self.len = self.last = length
+            self.advance(length)
             return k, v, None
         idx = self.pos + torch.arange(length, device=k.device)  # positions of the new tokens
         self.k.index_copy_(2, idx, k)
         self.v.index_copy_(2, idx, v)
-        self.pos += length
-        self.len, self.last = self.len + length, length
+        self.advance(length)
         mask = torch.arange(self.k.shape[2], device=k.device) <= idx[:, None]  # query i sees keys up to its position
         return self.k, self.v, mask
-
-    def accept(self, m):  # of the tokens the last append added, keep the first m
-        self.len -= self.last - m
-        self.pos.fill_(self.len)
-
-    def truncate(self, length):
-        self.len = length
-        self.pos.fill_(length)
 
 
 class Attention(nn.Module):
@@ -355,17 +361,17 @@ class MLP(nn.Module):  # SwiGLU
 # The Mamba mixer, laid out so that an attention layer's weights drop into it (Algorithm 1, PAPER §2)
 
 
-class MambaCache:
+class MambaCache(Cache):
     """Recurrent state of one Mamba layer: the last d_conv-1 conv inputs and the SSM state (float32).
     With `draft_len` K it also holds what Algorithm 2 needs for speculative verification: the conv
     window widened by K+1, and the per-token inputs (x, Delta, B) of the last verified tokens, whose
     accepted prefix the next verification replays into the committed state."""
 
     def __init__(self, cfg, batch, max_len, device, dtype, draft_len=0):
+        super().__init__(device)
         di, n, g = cfg.n_head * cfg.head_dim, cfg.head_dim, cfg.n_head
         self.conv = torch.zeros(batch, di, cfg.d_conv - 1, device=device, dtype=dtype)  # (b, di, d_conv-1)
         self.ssm = torch.zeros(batch, di, n, device=device, dtype=torch.float32)  # (b, di, n): committed state
-        self.len, self.last, self.pos = 0, 0, torch.zeros((), dtype=torch.long, device=device)
         self.draft_len = draft_len
         if draft_len:
             w = draft_len + 1
@@ -375,16 +381,11 @@ class MambaCache:
             self.B = torch.zeros(batch, g, n, w, device=device, dtype=dtype)
             self.replay = torch.zeros(batch, dtype=torch.int32, device=device)  # how many of them to replay
 
-    def advance(self, length):
-        self.pos += length
-        self.len, self.last = self.len + length, length
-
-    def accept(self, m):  # of the last verified tokens, the first m were accepted
-        k = self.conv.shape[-1]
-        self.conv.copy_(self.conv_window[..., m:m + k])
-        self.replay.fill_(m)
-        self.len -= self.last - m
-        self.pos.fill_(self.len)
+    def accept(self, m):  # of the last verified tokens, the first m were accepted (an int or a device tensor)
+        window = m + torch.arange(self.conv.shape[-1], device=self.conv.device)  # the conv inputs before token m
+        self.conv.copy_(self.conv_window.index_select(-1, window))
+        self.replay.copy_(torch.as_tensor(m))
+        super().accept(m)
 
 
 class MambaMixer(nn.Module):
@@ -450,7 +451,7 @@ class MambaMixer(nn.Module):
         args = dict(D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         if cache is None:
             return self.o_proj(rearrange(kernels.scan(x, dt, A, B, C, **args), "b di l -> b l di"))
-        if cache.draft_len and cache.len > 0:  # speculative verification (Algorithm 2): one fused kernel
+        if cache.draft_len and cache.len != 0:  # speculative verification (Algorithm 2): one fused kernel
             y = kernels.verify(cache.ssm, cache.x, cache.dt, cache.B, cache.replay, x, dt, A, B, C, **args)
             for buf, new in ((cache.x, x), (cache.dt, dt), (cache.B, B), (cache.conv_window, x_pad)):
                 buf.copy_(new)  # the next verification replays the accepted prefix of these
@@ -562,7 +563,14 @@ def probabilities(logits, temperature=1.0, top_k=0):  # logits (..., v) -> probs
 def sample(logits, temperature=1.0, top_k=0, generator=None):  # (b, v) -> (b, 1); temperature 0: greedy
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    return torch.multinomial(probabilities(logits, temperature, top_k), 1, generator=generator)
+    return sample_probs(probabilities(logits, temperature, top_k), generator)
+
+
+def sample_probs(p, generator=None):  # p (b, v) >= 0, not necessarily normalized -> (b, 1)
+    """The exponential race: argmax_i p_i / E_i, with E_i ~ Exp(1), is i with probability p_i / sum(p).
+    Unlike torch.multinomial it never waits for the host, so it can sit inside a CUDA graph."""
+    race = torch.empty_like(p).exponential_(generator=generator).clamp_(min=1e-30)  # 0 would make p / E nan
+    return (p / race).argmax(-1, keepdim=True)
 
 
 @torch.no_grad()

@@ -53,60 +53,63 @@ def timed(fn, device):
 
 
 # -----------------------------------------------------------------------------------------------
-# One forward of fixed shape, replayed as a CUDA graph on GPU
+# Work replayed as one CUDA graph on GPU
 
 
-class Stepper:
-    """model(tokens (b, l)) with the caches, for a fixed l. On GPU it is captured once as a CUDA graph:
-    the caches' device-side positions make the same graph valid at every step."""
+def graphed(fn, caches, buffers, graphs):
+    """fn() (no arguments: it updates the caches and `buffers` in place), as a CUDA graph when `graphs`:
+    run twice on a side stream (Triton compiles), then captured, each run undone (the random generator's
+    state included) so that preparing the graph changes nothing. Replays move the caches' lengths on the device only, so their host lengths
+    become unknown (None). Returns what runs fn once."""
+    if not graphs:
+        return fn
+    tensors = [t for c in caches for t in vars(c).values() if torch.is_tensor(t)] + list(buffers)
+    saved, lengths, rng = [t.clone() for t in tensors], [(c.len, c.last) for c in caches], torch.cuda.get_rng_state()
 
-    def __init__(self, model, caches, length, graph, batch=1):
-        self.model, self.caches, self.length, self.graph = model, caches, length, None
-        if not graph:
-            return
-        self.tokens = torch.zeros(batch, length, dtype=torch.long, device=caches[0].pos.device)
-        saved = [({k: v.clone() for k, v in vars(c).items() if torch.is_tensor(v)}, c.len, c.last) for c in caches]
+    def restore():
+        for t, s in zip(tensors, saved):
+            t.copy_(s)
+        for c, (n, last) in zip(caches, lengths):
+            c.len, c.last = n, last
+        torch.cuda.set_rng_state(rng)  # so that sampling draws what it would have drawn without a graph
 
-        def restore():
-            for c, (tensors, n, last) in zip(caches, saved):
-                for k, v in tensors.items():
-                    getattr(c, k).copy_(v)
-                c.len, c.last = n, last
-
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the graph
-            for _ in range(2):
-                model(self.tokens, caches=caches)
-                restore()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.tokens, caches=caches)[0]
-        restore()
-
-    def __call__(self, tokens):  # (b, l) -> logits (b, l, v)
-        if self.graph is None:
-            return self.model(tokens, caches=self.caches)[0]
-        self.tokens.copy_(tokens)
-        self.graph.replay()
-        for c in self.caches:  # the Python side of what the graph did on the device
-            c.len, c.last = c.len + self.length, self.length
-        return self.logits
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+            restore()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    restore()
+    for c in caches:
+        c.len = None
+    return graph.replay
 
 
 @torch.no_grad()
 def plain_generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, generator=None, graphs=False):
-    """generate() with the one-token step as a CUDA graph. prompt (1, l) -> (1, l + max_new_tokens) and
-    the seconds spent decoding (after the prefill and the graph capture)."""
-    caches = model.new_caches(1, prompt.shape[1] + max_new_tokens)
-    logits = model(prompt, caches=caches)[0][:, -1]
-    step = Stepper(model, caches, 1, graphs)
-    out, t0 = [prompt], clock(prompt.device)
-    for _ in range(max_new_tokens):
-        out.append(mil.sample(logits, temperature, top_k, generator))
-        logits = step(out[-1])[:, -1]
-    return torch.cat(out, dim=1), dict(seconds=clock(prompt.device) - t0)
+    """generate() with each one-token step (forward, sample, write) one CUDA graph. prompt (1, l) ->
+    (1, l + max_new_tokens) and the seconds spent decoding (after the prefill and the capture). Inside
+    graphs the default generator samples (seeded by torch.manual_seed), not `generator`."""
+    l, gen = prompt.shape[1], None if graphs else generator
+    caches = model.new_caches(1, l + max_new_tokens)
+    last = mil.sample(model(prompt, caches=caches)[0][:, -1], temperature, top_k, generator)  # (1, 1)
+    tokens = torch.cat([prompt, last, prompt.new_zeros(1, max_new_tokens - 1)], dim=1)
+    written = torch.tensor([l + 1], device=prompt.device)  # tokens written so far
+
+    def step():  # the last token in, the next one sampled and written
+        last.copy_(mil.sample(model(last, caches=caches)[0][:, -1], temperature, top_k, gen))
+        tokens.index_copy_(1, written, last)
+        written.add_(1)
+
+    step = graphed(step, caches, [last, tokens, written], graphs)
+    t0 = clock(prompt.device)
+    for _ in range(max_new_tokens - 1):
+        step()
+    return tokens, dict(seconds=clock(prompt.device) - t0)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -118,7 +121,7 @@ def accept_drafts(p, q, drafts, temperature, generator=None):
     verified positions; q (b, K, v): the draft's; drafts (b, K). Returns (n accepted (b,), next (b,)).
     Greedy: accept while the draft is the target's argmax, then the target's own token. Sampling
     (Leviathan et al. 2023): accept draft x with probability min(1, p(x) / q(x)); at the first
-    rejection sample from the normalized max(0, p - q); after K accepted, a bonus token from p."""
+    rejection sample from max(0, p - q), normalized; after K accepted, a bonus token from p."""
     if temperature == 0:
         best = p.argmax(-1)  # (b, K+1)
         n = (drafts == best[:, :-1]).long().cumprod(-1).sum(-1)
@@ -130,51 +133,66 @@ def accept_drafts(p, q, drafts, temperature, generator=None):
     residual = torch.cat([(p[:, :-1] - q).clamp(min=0), p[:, -1:]], dim=1)  # (b, K+1, v): row K is the bonus
     dist = residual.gather(1, n[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]  # (b, v)
     dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p.gather(1, n[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0])
-    return n, torch.multinomial(dist, 1, generator=generator)[:, 0]
+    return n, mil.sample_probs(dist, generator)[:, 0]
 
 
 @torch.no_grad()
 def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0.0, top_k=0, generator=None,
                          graphs=False):
-    """prompt (1, l >= 2) -> (1, l + max_new_tokens) and stats. The target keeps its last token
-    pending (not yet in its cache): each verification scores [pending, d_1 .. d_K]."""
+    """prompt (1, l >= 2) -> (1, l + max_new_tokens) and stats. The target's caches hold every token but
+    the last, `pending`; the draft's one fewer, so that each round feeds the draft [prev, pending]
+    (rewriting one KV entry it had) and every round has the same shapes. A round never waits for the
+    host: the acceptance, the caches' rollback and the output all happen on the device, so on GPU a
+    whole round is one CUDA graph and the host syncs only to see how many tokens are done."""
     assert prompt.shape[0] == 1 and prompt.shape[1] >= 2, "batch 1, at least two prompt tokens"
     assert all(isinstance(b.mixer, mil.Attention) for b in draft.layers), "the draft is a Transformer"
-    max_len = prompt.shape[1] + max_new_tokens + k + 2
-    t_caches, d_caches = target.new_caches(1, max_len, draft_len=k), draft.new_caches(1, max_len)
+    l, dev, gen = prompt.shape[1], prompt.device, None if graphs else generator
+    t_caches, d_caches = target.new_caches(1, l + max_new_tokens + k, draft_len=k), draft.new_caches(1, l + max_new_tokens + k)
     target(prompt[:, :-1], caches=t_caches)
     draft(prompt[:, :-1], caches=d_caches)
-    verify = Stepper(target, t_caches, k + 1, graphs)
-    draft_steps = {1: Stepper(draft, d_caches, 1, graphs), 2: Stepper(draft, d_caches, 2, graphs)}
-    out, pending, feed = [prompt], prompt[:, -1:], prompt[:, -1:]  # feed: accepted tokens the draft has not seen
-    produced = rounds = accepted = tested = 0
-    t0 = clock(prompt.device)
-    while produced < max_new_tokens:
+    for c in d_caches:
+        c.truncate(t_caches[0].pos - 1)
+    tokens = torch.cat([prompt, prompt.new_zeros(1, max_new_tokens + k + 1)], dim=1)
+    written = torch.tensor(l, device=dev)  # tokens written so far
+    prev, pending = prompt[:, -2:-1].clone(), prompt[:, -1:].clone()
+    counts = torch.zeros(2, dtype=torch.long, device=dev)  # drafts accepted, drafts tested
+    steps = torch.arange(k + 1, device=dev)
+
+    def round_():
         # the draft proposes K tokens
-        base = d_caches[0].len + feed.shape[1]
-        logits = draft_steps[feed.shape[1]](feed)[:, -1]
+        logits = draft(torch.cat([prev, pending], dim=1), caches=d_caches)[0][:, -1]
         drafts, qs = [], []
         for i in range(k):
             qs.append(mil.probabilities(logits, temperature, top_k) if temperature > 0 else logits)
-            drafts.append(mil.sample(logits, temperature, top_k, generator))
+            drafts.append(mil.sample_probs(qs[-1], gen) if temperature > 0 else logits.argmax(-1, keepdim=True))
             if i < k - 1:
-                logits = draft_steps[1](drafts[-1])[:, -1]
-        drafts = torch.cat(drafts, dim=1)  # (1, K)
+                logits = draft(drafts[-1], caches=d_caches)[0][:, -1]
+        seq = torch.cat([pending] + drafts, dim=1)  # (1, K+1)
         # the target scores the K+1 positions in one pass and accepts a prefix
-        t_logits = verify(torch.cat([pending, drafts], dim=1))  # (1, K+1, v)
+        t_logits = target(seq, caches=t_caches)[0]  # (1, K+1, v)
         p = mil.probabilities(t_logits, temperature, top_k) if temperature > 0 else t_logits
-        n, nxt = accept_drafts(p, torch.stack(qs, dim=1), drafts, temperature, generator)
-        n = int(n)
+        n, nxt = accept_drafts(p, torch.stack(qs, dim=1), seq[:, 1:], temperature, gen)  # (1,), (1,)
         for c in t_caches:
-            c.accept(n + 1)  # pending and the n accepted drafts
+            c.accept(n[0] + 1)  # pending and the n accepted drafts
         for c in d_caches:
-            c.truncate(base + min(n, k - 1))
-        feed = torch.cat([drafts[:, -1:], nxt[:, None]], dim=1) if n == k else nxt[:, None]
-        pending = nxt[:, None]
-        out += [drafts[:, :n], pending]
-        produced, rounds, accepted, tested = produced + n + 1, rounds + 1, accepted + n, tested + min(n + 1, k)
-    tokens = torch.cat(out, dim=1)[:, :prompt.shape[1] + max_new_tokens]
-    return tokens, dict(rounds=rounds, accepted=accepted, tested=tested, seconds=clock(prompt.device) - t0)
+            c.truncate(t_caches[0].pos - 1)
+        # write d_1 .. d_n, next (the slots after them are overwritten by the next round)
+        emitted = torch.where(steps < n, torch.cat([seq[:, 1:], nxt[:, None]], dim=1), nxt[:, None])
+        tokens.index_copy_(1, written + steps, emitted)
+        written.add_(n[0] + 1)
+        prev.copy_(seq.gather(1, n[:, None]))
+        pending.copy_(nxt[:, None])
+        counts.add_(torch.cat([n, (n + 1).clamp(max=k)]))
+
+    round_ = graphed(round_, t_caches + d_caches, [tokens, written, prev, pending, counts], graphs)
+    rounds, t0 = 0, clock(dev)
+    while (left := l + max_new_tokens - int(written)) > 0:
+        for _ in range(max(1, left // (k + 1))):  # rounds that cannot write past the buffers
+            round_()
+            rounds += 1
+    accepted, tested = counts.tolist()
+    return tokens[:, :l + max_new_tokens], dict(rounds=rounds, accepted=accepted, tested=tested,
+                                                seconds=clock(dev) - t0)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -185,10 +203,10 @@ def step_time(model, device, graphs, context=64, steps=50):
     """Seconds per one-token decode step (CUDA graph on GPU)."""
     caches = model.new_caches(1, context + steps + 8)
     model(torch.zeros(1, context, dtype=torch.long, device=device), caches=caches)
-    step = Stepper(model, caches, 1, graphs)
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-    step(tok)
-    _, dt = timed(lambda: [step(tok) for _ in range(steps)], device)
+    step = graphed(lambda: model(tok, caches=caches), caches, [], graphs)
+    step()
+    _, dt = timed(lambda: [step() for _ in range(steps)], device)
     return dt / steps
 
 
@@ -295,10 +313,10 @@ def measure_context(model, batch, context, steps, dev, graphs):
         for c in caches:  # as if `context` tokens had been decoded: speed does not depend on their values
             c.len = context
             c.pos.fill_(context)
-        step = Stepper(model, caches, 1, graphs, batch)
         tok = torch.randint(0, model.cfg.vocab_size, (batch, 1), device=dev)
-        step(tok)
-        _, dt = timed(lambda: [step(tok) for _ in range(steps)], dev)
+        step = graphed(lambda: model(tok, caches=caches), caches, [], graphs)
+        step()
+        _, dt = timed(lambda: [step() for _ in range(steps)], dev)
         del caches, step
         prefill = "-"
         if batch == 1:

@@ -377,6 +377,23 @@ def test_greedy_speculative_decoding_equals_plain_greedy():
     assert 0 < accepted < tested  # both acceptance and rejection happened
 
 
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cuda_graph_decoding_matches_eager(temperature):
+    """The same decoding replayed as CUDA graphs (one per token; one per speculative round, with the
+    acceptance and rollback on the device) gives the eager run's tokens. Sampling draws from the
+    default generator in both, seeded alike."""
+    kernels.BACKEND = "auto"
+    target, draft = (m.cuda() for m in peaked_models())
+    prompt = torch.randint(0, 4096, (1, 5), device="cuda")
+    for fn, args in ((speculative.plain_generate, ()), (speculative.speculative_generate, (draft,))):
+        runs = []
+        for graphs in (False, True):
+            torch.manual_seed(1)
+            runs.append(fn(target, *args, prompt, 30, *((3,) if args else ()), temperature=temperature, graphs=graphs)[0])
+        assert torch.equal(runs[0], runs[1]), fn.__name__
+
+
 @pytest.mark.parametrize("groups,n", [(1, 4), (4, 16)])
 def test_verify_kernel_matches_reference_for_every_replay_count(groups, n, monkeypatch):
     """Algorithm 2's fused MultiStep kernel against its loop of reference steps, for every number of
