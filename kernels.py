@@ -535,16 +535,17 @@ def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial
     u, delta, B, C, z = _flat(u, delta, B, C, z)
     A, D, bias, h0 = _floats(A, D, delta_bias, initial_state)
     _, _, ends, dt_sums = _scan_fwd(u, delta, A, B, C, None, None, bias, None, delta_softplus, pieces, output=False)
-    log_decay = A[None, :, :, None] * rearrange(dt_sums, "(b p) d -> b d p", p=pieces)[:, :, None, :]  # (b, di, n, p)
-    S = log_decay.cumsum(-1)  # log of the decay from the start to the end of piece p
-    S_before = S - log_decay  # ... to the start of piece p
-    p = torch.arange(pieces, device=u.device)
-    gap = (S_before[..., :, None] - S[..., None, :]).masked_fill(p[None, :] >= p[:, None], -math.inf)  # (.., p, q<p)
-    ends = rearrange(ends, "(b p) d n -> b d n p", p=pieces)
-    starts = torch.einsum("bdnpq,bdnq->bdnp", gap.exp(), ends)  # all that the earlier pieces carry in
-    if h0 is not None:
-        starts = starts + S_before.exp() * h0[..., None]
-    h = log_decay[..., -1].exp() * starts[..., -1] + ends[..., -1]
+    with torch.autocast(u.device.type, enabled=False):  # under autocast too, the stitching stays in float32
+        log_decay = A[None, :, :, None] * rearrange(dt_sums, "(b p) d -> b d p", p=pieces)[:, :, None, :]  # (b, di, n, p)
+        S = log_decay.cumsum(-1)  # log of the decay from the start to the end of piece p
+        S_before = S - log_decay  # ... to the start of piece p
+        p = torch.arange(pieces, device=u.device)
+        gap = (S_before[..., :, None] - S[..., None, :]).masked_fill(p[None, :] >= p[:, None], -math.inf)  # (.., p, q<p)
+        ends = rearrange(ends, "(b p) d n -> b d n p", p=pieces)
+        starts = torch.einsum("bdnpq,bdnq->bdnp", gap.exp(), ends)  # all that the earlier pieces carry in
+        if h0 is not None:
+            starts = starts + S_before.exp() * h0[..., None]
+        h = log_decay[..., -1].exp() * starts[..., -1] + ends[..., -1]
     y, _, _, _ = _scan_fwd(u, delta, A, B, C, D, z, bias, rearrange(starts, "b d n p -> (b p) d n").contiguous(),
                            delta_softplus, pieces)
     return y, h

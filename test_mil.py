@@ -185,13 +185,14 @@ def test_triton_scan_matches_reference(dtype, L, groups, n, options, monkeypatch
                                        msg=lambda m: f"gradient of {k}: {m}")
 
 
-@pytest.mark.parametrize("b", [1, 2])
-def test_long_prefill_in_pieces_matches_reference(b, monkeypatch):
-    """A long prompt at small batch is scanned as pieces of time in parallel, stitched by their decays."""
+@pytest.mark.parametrize("b,autocast", [(1, False), (2, True)])
+def test_long_prefill_in_pieces_matches_reference(b, autocast, monkeypatch):
+    """A long prompt at small batch is scanned as pieces of time in parallel, stitched by their decays
+    (in float32, also under bf16 autocast, as in distill.py's evaluation)."""
     monkeypatch.setattr(kernels, "PIECES", 4)
     monkeypatch.setattr(kernels, "CHUNK", 4)
     x = scan_inputs(b=b, di=8, L=64, n=4, groups=2, device=DEV)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16, enabled=autocast):
         y, last = kernels.selective_scan(**x, delta_softplus=True, return_last_state=True)
     y_ref, last_ref = kernels.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
