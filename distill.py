@@ -279,8 +279,8 @@ def draft_stage(cfg, data, teacher):
     of the teacher's layers, first and last kept ("shrink and fine-tune", the paper's Table 5), trained
     with KL. At batch 1 a step costs about its number of kernels, so fewer layers is a cheaper draft."""
     n, m = teacher.cfg.n_layer, cfg["draft_layers"]
-    if not 1 <= m < n:
-        raise SystemExit(f"--draft_layers takes 1 to {n - 1} (the teacher has {n} layers); got {m}")
+    if not 1 <= m <= n:
+        raise SystemExit(f"--draft_layers takes 1 to {n} (the teacher's layers); got {m}")
     draft_cfg = replace(teacher.cfg, n_layer=m, attn_layers=None)
     if done := finished(cfg, data, "draft", draft_cfg):
         return done
