@@ -517,12 +517,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 def _pieces(u, groups, n):
     """How many pieces to cut time into for a long prompt at small batch, where the b * di / BLOCK_D
-    programs of one walk over time would leave most of the GPU idle (PIECES overrides it)."""
-    (b, di, L), sms = u.shape, torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
-    pieces = PIECES or 2 ** int(math.log2(max(1, 8 * sms * _scan_blocks(di, groups, n, FWD)[0] // (b * di))))
-    while pieces > 1 and (L % pieces or L // pieces < 4 * CHUNK):
+    programs of one walk over time would leave most of the GPU idle; pieces of at least 1024 steps, as
+    shorter prompts gain less on the GPU than the stitching costs on the host (PIECES overrides it)."""
+    (b, di, L), shortest = u.shape, 1 if PIECES else 1024
+    if PIECES:
+        pieces = PIECES
+    elif u.is_cuda:
+        sms = torch.cuda.get_device_properties(u.device).multi_processor_count
+        pieces = 2 ** int(math.log2(max(1, 8 * sms * _scan_blocks(di, groups, n, FWD)[0] // (b * di))))
+    else:
+        return 1
+    while pieces > 1 and (L % pieces or L // pieces < shortest):
         pieces //= 2
-    return pieces if (PIECES or u.is_cuda) else 1
+    return pieces
 
 
 def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, pieces):
@@ -536,8 +543,9 @@ def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial
     A, D, bias, h0 = _floats(A, D, delta_bias, initial_state)
     _, _, ends, dt_sums = _scan_fwd(u, delta, A, B, C, None, None, bias, None, delta_softplus, pieces, output=False)
     with torch.autocast(u.device.type, enabled=False):  # under autocast too, the stitching stays in float32
-        log_decay = A[None, :, :, None] * rearrange(dt_sums, "(b p) d -> b d p", p=pieces)[:, :, None, :]  # (b, di, n, p)
-        S = log_decay.cumsum(-1)  # log of the decay from the start to the end of piece p
+        dt_sums = rearrange(dt_sums, "(b p) d -> b d p", p=pieces)
+        log_decay = A[None, :, :, None] * dt_sums[:, :, None, :]  # (b, di, n, p)
+        S = A[None, :, :, None] * dt_sums.cumsum(-1)[:, :, None, :]  # log of the decay from the start to the end of piece p
         S_before = S - log_decay  # ... to the start of piece p
         p = torch.arange(pieces, device=u.device)
         gap = (S_before[..., :, None] - S[..., None, :]).masked_fill(p[None, :] >= p[:, None], -math.inf)  # (.., p, q<p)
