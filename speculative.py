@@ -9,7 +9,9 @@ Speculative decoding for hybrids (The Mamba in the Llama, §4, Algorithm 2).
 A small Transformer draft (out/<preset>/draft.pt, made by `python distill.py`) proposes K tokens; the
 hybrid scores all K+1 positions in one pass. Attention layers append K+1 KV entries and drop the
 rejected ones; Mamba layers keep one committed state and replay the accepted tokens inside the next
-verification kernel (Algorithm 2). On a GPU every step is replayed as a CUDA graph.
+verification kernel (Algorithm 2). On a GPU plain decoding replays one CUDA graph per token and
+speculative decoding one per round (draft, verification, acceptance, rollback), so that a round never
+waits for the host.
 """
 import os
 import sys
