@@ -545,8 +545,8 @@ def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial
     with torch.autocast(u.device.type, enabled=False):  # under autocast too, the stitching stays in float32
         dt_sums = rearrange(dt_sums, "(b p) d -> b d p", p=pieces)
         log_decay = A[None, :, :, None] * dt_sums[:, :, None, :]  # (b, di, n, p)
-        S = A[None, :, :, None] * dt_sums.cumsum(-1)[:, :, None, :]  # log of the decay from the start to the end of piece p
-        S_before = S - log_decay  # ... to the start of piece p
+        S = A[None, :, :, None] * dt_sums.cumsum(-1)[:, :, None, :]  # log decay from the start to piece p's end
+        S_before = S - log_decay  # ... to piece p's start
         p = torch.arange(pieces, device=u.device)
         gap = (S_before[..., :, None] - S[..., None, :]).masked_fill(p[None, :] >= p[:, None], -math.inf)  # (.., p, q<p)
         ends = rearrange(ends, "(b p) d n -> b d n p", p=pieces)

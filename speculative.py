@@ -61,8 +61,8 @@ def timed(fn, device):
 def graphed(fn, caches, buffers, graphs):
     """fn() (no arguments: it updates the caches and `buffers` in place), as a CUDA graph when `graphs`:
     run twice on a side stream (Triton compiles), then captured, each run undone (the random generator's
-    state included) so that preparing the graph changes nothing. Replays move the caches' lengths on the device only, so their host lengths
-    become unknown (None). Returns what runs fn once."""
+    state included) so that preparing the graph changes nothing. Replays move the caches' lengths on
+    the device only, so their host lengths become unknown (None). Returns what runs fn once."""
     if not graphs:
         return fn
     tensors = [t for c in caches for t in vars(c).values() if torch.is_tensor(t)] + list(buffers)
@@ -96,6 +96,7 @@ def plain_generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, gene
     """generate() with each one-token step (forward, sample, write) one CUDA graph. prompt (1, l) ->
     (1, l + max_new_tokens) and the seconds spent decoding (after the prefill and the capture). Inside
     graphs the default generator samples (seeded by torch.manual_seed), not `generator`."""
+    assert max_new_tokens >= 1, "at least one new token"
     l, gen = prompt.shape[1], None if graphs else generator
     caches = model.new_caches(1, l + max_new_tokens)
     last = mil.sample(model(prompt, caches=caches)[0][:, -1], temperature, top_k, generator)  # (1, 1)
@@ -149,7 +150,8 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
     assert prompt.shape[0] == 1 and prompt.shape[1] >= 2, "batch 1, at least two prompt tokens"
     assert all(isinstance(b.mixer, mil.Attention) for b in draft.layers), "the draft is a Transformer"
     l, dev, gen = prompt.shape[1], prompt.device, None if graphs else generator
-    t_caches, d_caches = target.new_caches(1, l + max_new_tokens + k, draft_len=k), draft.new_caches(1, l + max_new_tokens + k)
+    max_len = l + max_new_tokens + k  # the last round may verify K tokens past the end
+    t_caches, d_caches = target.new_caches(1, max_len, draft_len=k), draft.new_caches(1, max_len)
     target(prompt[:, :-1], caches=t_caches)
     draft(prompt[:, :-1], caches=d_caches)
     for c in d_caches:
