@@ -268,50 +268,75 @@ def apply_rope(x, cos, sin):  # x (b, heads, l, e): Llama's rotate-half form
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
-class Cache:
-    """The length of a layer's cache. `pos`, on the device, is what the kernels read, so that a decode
-    step, or a whole round of speculative decoding, can be replayed as a CUDA graph. `len` is the host's
-    copy, for checks and to pick the prefill path; None once a length set on the device (a speculative
-    round's accept, a graph's replays) has made it unknown to the host."""
+class Caches(list):
+    """The static caches of one model's layers (a list, one per layer, allocated once) and the length
+    they all share. `pos`, on the device, is what the kernels read, so that a decode step, or a whole
+    round of speculative decoding, can be replayed as a CUDA graph. `len` is the host's copy, for
+    checks and to pick the prefill path; None once a length set on the device (a speculative round's
+    accept, a graph's replays) has made it unknown to the host. The Mamba layers' conv inputs and
+    replay counts are stacked over the layers, so that a speculative round's rollback is a few ops
+    for the whole model."""
 
-    def __init__(self, device):
+    def __init__(self, model, batch, max_len, device, dtype, draft_len=0):
+        cfg, k = model.cfg, model.cfg.d_conv - 1
+        mamba = [i for i in range(cfg.n_layer) if i not in cfg.attn_layers]
         self.len, self.last, self.pos = 0, 0, torch.zeros((), dtype=torch.long, device=device)
+        self.max_len, self.draft_len, self.where = max_len, draft_len, None
+        self.group = cfg.n_head // cfg.n_kv_head  # query heads per KV head: the mask's repeats
+        di, w = cfg.n_head * cfg.head_dim, draft_len + 1  # with draft_len K: the K+1 verified tokens
+        self.conv = torch.zeros(len(mamba), batch, di, k, device=device, dtype=dtype)  # the last k conv inputs
+        self.conv_window = torch.zeros(len(mamba), batch, di, k + w, device=device, dtype=dtype) if draft_len else None
+        self.replay = torch.zeros(batch, dtype=torch.int32, device=device)  # verified tokens to replay (Algorithm 2)
+        super().__init__(MambaCache(self, mamba.index(i), cfg, batch, device, dtype) if i in mamba
+                         else AttnCache(self, cfg, batch, max_len, device, dtype) for i in range(cfg.n_layer))
+
+    def begin(self, length):
+        """Before a forward appends `length` positions: check the room, and (past the prefill) set
+        `where`, the new tokens' positions (l,) and the attention mask over the cache (r * l, t),
+        True where a query must not look, shared by every attention layer."""
+        if self.len is not None and self.len + length > self.max_len:
+            raise ValueError(f"the caches hold {self.max_len} positions, asked for {self.len + length}")
+        self.where = None
+        if self.len != 0:
+            idx = self.pos + torch.arange(length, device=self.pos.device)  # positions of the new tokens
+            future = torch.arange(self.max_len, device=idx.device) > idx[:, None]  # query i sees keys up to its position
+            self.where = idx, future.repeat(self.group, 1)
 
     def advance(self, length):  # `length` positions were appended
         self.pos += length
         self.len, self.last = None if self.len is None else self.len + length, length
 
-    def accept(self, m):  # of the positions the last append added, keep the first m (an int or a device tensor)
+    def accept(self, m):
+        """Of the positions the last forward appended, keep the first m (an int or a device tensor):
+        the attention layers by the length alone; the Mamba layers' conv inputs are the k before token
+        m of the verified window, and their next verification replays the m accepted tokens."""
         self.pos += m - self.last
         self.len = self.len - self.last + m if isinstance(m, int) and self.len is not None else None
+        if self.draft_len and len(self.conv):
+            window = m + torch.arange(self.conv.shape[-1], device=self.conv.device)
+            torch.index_select(self.conv_window, -1, window, out=self.conv)
+            self.replay.copy_(torch.as_tensor(m))
 
-    def truncate(self, length):  # keep the first `length` positions (an int or a device tensor)
+    def truncate(self, length):  # keep the first `length` positions (an int or a device tensor); attention only
         self.pos.copy_(torch.as_tensor(length))
         self.len = length if isinstance(length, int) else None
 
 
-class AttnCache(Cache):
-    """Static KV cache of one attention layer: (b, g, t_max, e). Appends of any number of tokens
-    (prefill; the K+1 positions of speculative verification), `accept` (drop rejected drafts)."""
+class AttnCache:
+    """Static KV cache of one attention layer: (b, g, t_max, e). Appends any number of tokens (the
+    prefill; the K+1 positions of speculative verification) at the shared position."""
 
-    def __init__(self, cfg, batch, max_len, device, dtype):
-        super().__init__(device)
+    def __init__(self, caches, cfg, batch, max_len, device, dtype):
         shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.seq, self.k, self.v = caches, torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
-    def append(self, k, v):  # k, v (b, g, l, e) -> keys, values (b, g, t, e) and a mask (l, t) or None
-        length = k.shape[2]
-        if self.len is not None and self.len + length > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked for {self.len + length}")
-        if self.len == 0:  # prefill: plain causal attention over the prompt
-            self.k[:, :, :length], self.v[:, :, :length] = k, v
-            self.advance(length)
+    def append(self, k, v):  # k, v (b, g, l, e) -> keys, values (b, g, t, e) and the mask (r * l, t), or None
+        if self.seq.where is None:  # prefill: plain causal attention over the prompt
+            self.k[:, :, :k.shape[2]], self.v[:, :, :k.shape[2]] = k, v
             return k, v, None
-        idx = self.pos + torch.arange(length, device=k.device)  # positions of the new tokens
+        idx, mask = self.seq.where
         self.k.index_copy_(2, idx, k)
         self.v.index_copy_(2, idx, v)
-        self.advance(length)
-        mask = torch.arange(self.k.shape[2], device=k.device) <= idx[:, None]  # query i sees keys up to its position
         return self.k, self.v, mask
 
 
@@ -333,7 +358,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = None
         if cache is not None:
-            k, v, mask = cache.append(k, v)  # (b, g, t, e); mask (l, t) past the prefill
+            k, v, mask = cache.append(k, v)  # (b, g, t, e); mask (r * l, t) past the prefill
         if mask is None:  # training, prefill: causal flash attention, KV heads repeated to the query heads
             rep = self.cfg.n_head // self.cfg.n_kv_head
             y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
@@ -341,7 +366,7 @@ class Attention(nn.Module):
             g = self.cfg.n_kv_head
             qg = rearrange(q, "b (g r) l e -> b g (r l) e", g=g)  # (b, g, r*l, e)
             scores = (qg @ k.transpose(-1, -2)).float() / math.sqrt(e)  # (b, g, r*l, t)
-            scores = scores.masked_fill(~mask.repeat(q.shape[1] // g, 1), -math.inf)
+            scores = scores.masked_fill(mask, -math.inf)
             y = rearrange(scores.softmax(-1).type_as(v) @ v, "b g (r l) e -> b (g r) l e", l=x.shape[1])
         return self.o_proj(rearrange(y, "b h l e -> b l (h e)"))
 
@@ -361,31 +386,21 @@ class MLP(nn.Module):  # SwiGLU
 # The Mamba mixer, laid out so that an attention layer's weights drop into it (Algorithm 1, PAPER §2)
 
 
-class MambaCache(Cache):
-    """Recurrent state of one Mamba layer: the last d_conv-1 conv inputs and the SSM state (float32).
-    With `draft_len` K it also holds what Algorithm 2 needs for speculative verification: the conv
-    window widened by K+1, and the per-token inputs (x, Delta, B) of the last verified tokens, whose
-    accepted prefix the next verification replays into the committed state."""
+class MambaCache:
+    """Recurrent state of one Mamba layer: the SSM state (float32) and its rows of the stacked conv
+    inputs. With draft_len K it also holds what Algorithm 2 needs for speculative verification: the
+    conv window widened by K+1, and the per-token inputs (x, Delta, B) of the last verified tokens,
+    whose accepted prefix the next verification replays into the committed state."""
 
-    def __init__(self, cfg, batch, max_len, device, dtype, draft_len=0):
-        super().__init__(device)
-        di, n, g = cfg.n_head * cfg.head_dim, cfg.head_dim, cfg.n_head
-        self.conv = torch.zeros(batch, di, cfg.d_conv - 1, device=device, dtype=dtype)  # (b, di, d_conv-1)
+    def __init__(self, caches, j, cfg, batch, device, dtype):
+        di, n, g, w = cfg.n_head * cfg.head_dim, cfg.head_dim, cfg.n_head, caches.draft_len + 1
+        self.seq, self.conv, self.replay = caches, caches.conv[j], caches.replay  # conv (b, di, d_conv-1)
         self.ssm = torch.zeros(batch, di, n, device=device, dtype=torch.float32)  # (b, di, n): committed state
-        self.draft_len = draft_len
-        if draft_len:
-            w = draft_len + 1
-            self.conv_window = torch.zeros(batch, di, cfg.d_conv - 1 + w, device=device, dtype=dtype)
+        if caches.draft_len:
+            self.conv_window = caches.conv_window[j]  # (b, di, d_conv-1 + K+1)
             self.x = torch.zeros(batch, di, w, device=device, dtype=dtype)  # after conv and SiLU
             self.dt = torch.zeros(batch, di, w, device=device, dtype=dtype)
             self.B = torch.zeros(batch, g, n, w, device=device, dtype=dtype)
-            self.replay = torch.zeros(batch, dtype=torch.int32, device=device)  # how many of them to replay
-
-    def accept(self, m):  # of the last verified tokens, the first m were accepted (an int or a device tensor)
-        window = m + torch.arange(self.conv.shape[-1], device=self.conv.device)  # the conv inputs before token m
-        self.conv.copy_(self.conv_window.index_select(-1, window))
-        self.replay.copy_(torch.as_tensor(m))
-        super().accept(m)
 
 
 class MambaMixer(nn.Module):
@@ -445,15 +460,16 @@ class MambaMixer(nn.Module):
         # causal conv over time: left-pad with zeros, or with the cached last inputs when decoding
         k = self.cfg.d_conv - 1
         past = cache.conv if cache is not None else x.new_zeros(x.shape[0], x.shape[1], k)
-        x_pad = torch.cat([past, x], dim=-1)  # (b, di, k + l)
+        verify = cache is not None and cache.seq.draft_len and cache.seq.where is not None
+        x_pad = torch.cat([past, x], dim=-1, out=cache.conv_window if verify else None)  # (b, di, k + l)
         x = F.silu(F.conv1d(x_pad, self.conv1d.weight, self.conv1d.bias, groups=x.shape[1]))  # (b, di, l)
         A = -torch.exp(self.A_log.float())  # (di, n)
         args = dict(D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         if cache is None:
             return self.o_proj(rearrange(kernels.scan(x, dt, A, B, C, **args), "b di l -> b l di"))
-        if cache.draft_len and cache.len != 0:  # speculative verification (Algorithm 2): one fused kernel
+        if verify:  # speculative verification (Algorithm 2): one fused kernel; x_pad went to the conv window
             y = kernels.verify(cache.ssm, cache.x, cache.dt, cache.B, cache.replay, x, dt, A, B, C, **args)
-            for buf, new in ((cache.x, x), (cache.dt, dt), (cache.B, B), (cache.conv_window, x_pad)):
+            for buf, new in ((cache.x, x), (cache.dt, dt), (cache.B, B)):
                 buf.copy_(new)  # the next verification replays the accepted prefix of these
         elif o.shape[1] == 1:  # one decode step updates the state in place
             y = kernels.step(cache.ssm, x[..., 0], dt[..., 0], A, B[..., 0], C[..., 0], D=args["D"], z=z[..., 0],
@@ -463,7 +479,6 @@ class MambaMixer(nn.Module):
             y, last = kernels.scan(x, dt, A, B, C, **args, return_last_state=True, initial_state=cache.ssm)
             cache.ssm.copy_(last)
             cache.conv.copy_(x_pad[..., -k:])
-        cache.advance(o.shape[1])
         return self.o_proj(rearrange(y, "b di l -> b l di"))
 
 
@@ -502,21 +517,21 @@ class Model(nn.Module):
                 block.mixer.reset_ssm_parameters()
 
     def forward(self, idx, targets=None, caches=None):  # idx (b, l) -> logits (b, l, v)
-        start = caches[0].pos if caches else 0  # on the device, so that a CUDA graph can replay it
-        rope = rope_tables(self.inv_freq, start, idx.shape[1])
+        if caches:
+            caches.begin(idx.shape[1])
+        rope = rope_tables(self.inv_freq, caches.pos if caches else 0, idx.shape[1])  # pos: on the device, for graphs
         x = self.embed(idx)  # (b, l, d)
         for i, block in enumerate(self.layers):
             x = block(x, rope, caches[i] if caches else None)
+        if caches:
+            caches.advance(idx.shape[1])
         logits = self.lm_head(self.norm(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
     def new_caches(self, batch, max_len, device=None, dtype=None, draft_len=0):
         """One cache per layer; draft_len K > 0 prepares the Mamba layers for verifying K drafts."""
-        device = device or self.lm_head.weight.device
-        dtype = dtype or self.lm_head.weight.dtype
-        return [AttnCache(self.cfg, batch, max_len, device, dtype) if isinstance(b.mixer, Attention)
-                else MambaCache(self.cfg, batch, max_len, device, dtype, draft_len) for b in self.layers]
+        return Caches(self, batch, max_len, device or self.lm_head.weight.device, dtype or self.lm_head.weight.dtype, draft_len)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -58,20 +58,25 @@ def timed(fn, device):
 # Work replayed as one CUDA graph on GPU
 
 
-def graphed(fn, caches, buffers, graphs):
+def cache_tensors(caches):  # what a model's caches hold (the stacked tensors, not the layers' views of them)
+    return [t for obj in (caches, *caches) for t in vars(obj).values() if torch.is_tensor(t) and t._base is None]
+
+
+def graphed(fn, models_caches, buffers, graphs):
     """fn() (no arguments: it updates the caches and `buffers` in place), as a CUDA graph when `graphs`:
     run twice on a side stream (Triton compiles), then captured, each run undone (the random generator's
     state included) so that preparing the graph changes nothing. Replays move the caches' lengths on
     the device only, so their host lengths become unknown (None). Returns what runs fn once."""
     if not graphs:
         return fn
-    tensors = [t for c in caches for t in vars(c).values() if torch.is_tensor(t)] + list(buffers)
-    saved, lengths, rng = [t.clone() for t in tensors], [(c.len, c.last) for c in caches], torch.cuda.get_rng_state()
+    tensors = [t for caches in models_caches for t in cache_tensors(caches)] + list(buffers)
+    saved, rng = [t.clone() for t in tensors], torch.cuda.get_rng_state()
+    lengths = [(c.len, c.last) for c in models_caches]
 
     def restore():
         for t, s in zip(tensors, saved):
             t.copy_(s)
-        for c, (n, last) in zip(caches, lengths):
+        for c, (n, last) in zip(models_caches, lengths):
             c.len, c.last = n, last
         torch.cuda.set_rng_state(rng)  # so that sampling draws what it would have drawn without a graph
 
@@ -86,7 +91,7 @@ def graphed(fn, caches, buffers, graphs):
     with torch.cuda.graph(graph):
         fn()
     restore()
-    for c in caches:
+    for c in models_caches:
         c.len = None
     return graph.replay
 
@@ -108,7 +113,7 @@ def plain_generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, gene
         tokens.index_copy_(1, written, last)
         written.add_(1)
 
-    step = graphed(step, caches, [last, tokens, written], graphs)
+    step = graphed(step, [caches], [last, tokens, written], graphs)
     t0 = clock(prompt.device)
     for _ in range(max_new_tokens - 1):
         step()
@@ -154,8 +159,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
     t_caches, d_caches = target.new_caches(1, max_len, draft_len=k), draft.new_caches(1, max_len)
     target(prompt[:, :-1], caches=t_caches)
     draft(prompt[:, :-1], caches=d_caches)
-    for c in d_caches:
-        c.truncate(t_caches[0].pos - 1)
+    d_caches.truncate(t_caches.pos - 1)
     tokens = torch.cat([prompt, prompt.new_zeros(1, max_new_tokens + k + 1)], dim=1)
     written = torch.tensor(l, device=dev)  # tokens written so far
     prev, pending = prompt[:, -2:-1].clone(), prompt[:, -1:].clone()
@@ -176,10 +180,8 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
         t_logits = target(seq, caches=t_caches)[0]  # (1, K+1, v)
         p = mil.probabilities(t_logits, temperature, top_k) if temperature > 0 else t_logits
         n, nxt = accept_drafts(p, torch.stack(qs, dim=1), seq[:, 1:], temperature, gen)  # (1,), (1,)
-        for c in t_caches:
-            c.accept(n[0] + 1)  # pending and the n accepted drafts
-        for c in d_caches:
-            c.truncate(t_caches[0].pos - 1)
+        t_caches.accept(n[0] + 1)  # pending and the n accepted drafts
+        d_caches.truncate(t_caches.pos - 1)
         # write d_1 .. d_n, next (the slots after them are overwritten by the next round)
         emitted = torch.where(steps < n, torch.cat([seq[:, 1:], nxt[:, None]], dim=1), nxt[:, None])
         tokens.index_copy_(1, written + steps, emitted)
@@ -188,7 +190,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
         pending.copy_(nxt[:, None])
         counts.add_(torch.cat([n, (n + 1).clamp(max=k)]))
 
-    round_ = graphed(round_, t_caches + d_caches, [tokens, written, prev, pending, counts], graphs)
+    round_ = graphed(round_, [t_caches, d_caches], [tokens, written, prev, pending, counts], graphs)
     rounds, t0 = 0, clock(dev)
     while (left := l + max_new_tokens - int(written)) > 0:
         for _ in range(max(1, left // (k + 1))):  # rounds that cannot write past the buffers
@@ -208,7 +210,7 @@ def step_time(model, device, graphs, context=64, steps=50):
     caches = model.new_caches(1, context + steps + 8)
     model(torch.zeros(1, context, dtype=torch.long, device=device), caches=caches)
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-    step = graphed(lambda: model(tok, caches=caches), caches, [], graphs)
+    step = graphed(lambda: model(tok, caches=caches), [caches], [], graphs)
     step()
     _, dt = timed(lambda: [step() for _ in range(steps)], device)
     return dt / steps
@@ -313,12 +315,11 @@ def measure_context(model, batch, context, steps, dev, graphs):
         before = torch.cuda.memory_allocated() if gpu else 0
         caches = model.new_caches(batch, context + steps + 2)
         cache_mib = (torch.cuda.memory_allocated() - before) / batch / 2 ** 20 if gpu else \
-            sum(t.numel() * t.element_size() for c in caches for t in vars(c).values() if torch.is_tensor(t)) / batch / 2 ** 20
-        for c in caches:  # as if `context` tokens had been decoded: speed does not depend on their values
-            c.len = context
-            c.pos.fill_(context)
+            sum(t.numel() * t.element_size() for t in cache_tensors(caches)) / batch / 2 ** 20
+        caches.len = context  # as if `context` tokens had been decoded: speed does not depend on their values
+        caches.pos.fill_(context)
         tok = torch.randint(0, model.cfg.vocab_size, (batch, 1), device=dev)
-        step = graphed(lambda: model(tok, caches=caches), caches, [], graphs)
+        step = graphed(lambda: model(tok, caches=caches), [caches], [], graphs)
         step()
         _, dt = timed(lambda: [step() for _ in range(steps)], dev)
         del caches, step

@@ -264,8 +264,7 @@ def check_cached_decoding(model, idx):
     caches = model.new_caches(idx.shape[0], idx.shape[1])
     parts = [model(idx[:, :5], caches=caches)[0], model(idx[:, 5:6], caches=caches)[0], model(idx[:, 6:11], caches=caches)[0]]
     if all(isinstance(c, mil.AttnCache) for c in caches):
-        for c in caches:
-            c.truncate(8)
+        caches.truncate(8)
         parts[-1] = torch.cat([parts[-1][:, :2], model(idx[:, 8:11], caches=caches)[0]], dim=1)
     parts.append(model(idx[:, 11:], caches=caches)[0])
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
