@@ -769,29 +769,30 @@ def sweep(bench):
 
 def training_speed():
     """A distillation-shaped training step of the gpu preset's 50% hybrid (random weights) at L = 512,
-    through the Triton scan and through the reference loop."""
+    batch 16 and the preset's 32, through the Triton scan and through the reference loop."""
     import kernels  # the module mil uses: under `python kernels.py` this file is __main__
     import mil
 
     cfg = mil.Config(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, attn_layers=(1, 3, 5, 7))
     model = mil.Model(cfg).cuda()
-    idx = torch.randint(0, cfg.vocab_size, (16, 512), device="cuda")
-    times = {}
     kernels.FWD, kernels.BWD = FWD, BWD  # what the sweep chose, if it ran
-    for backend in ("triton", "ref"):
-        kernels.BACKEND = backend
+    for batch in (16, 32):
+        idx = torch.randint(0, cfg.vocab_size, (batch, 512), device="cuda")
+        times = {}
+        for backend in ("triton", "ref"):
+            kernels.BACKEND = backend
 
-        def train_step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(idx, idx)[1]
-            loss.backward()
+            def train_step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(idx, idx)[1]
+                loss.backward()
 
-        train_step()
-        torch.cuda.synchronize()
-        times[backend] = min(__import__("timeit").repeat(lambda: (train_step(), torch.cuda.synchronize()), number=1, repeat=3))
+            train_step()
+            torch.cuda.synchronize()
+            times[backend] = min(__import__("timeit").repeat(lambda: (train_step(), torch.cuda.synchronize()), number=1, repeat=3))
+        print(f"training step, gpu preset 50% hybrid, batch {batch} x 512: Triton {batch * 512 / times['triton']:,.0f} tokens/s, "
+              f"reference {batch * 512 / times['ref']:,.0f} tokens/s: {times['ref'] / times['triton']:.1f}x", flush=True)
     kernels.BACKEND = "auto"
-    print(f"\ntraining step, gpu preset 50% hybrid, batch 16 x 512: Triton {16 * 512 / times['triton']:,.0f} tokens/s, "
-          f"reference {16 * 512 / times['ref']:,.0f} tokens/s: {times['ref'] / times['triton']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -456,7 +456,7 @@ class MambaMixer(nn.Module):
     def forward(self, o, rope=None, cache=None):  # o (b, l, d); rope is unused: no positions here
         x, B, C = self.project(o)
         z = rearrange(self.z_proj(o), "b l di -> b di l")
-        dt = self.dt_proj.weight @ self.dt_in_proj(o).transpose(1, 2)  # (di, r) @ (b, r, l) -> (b, di, l)
+        dt = rearrange(F.linear(self.dt_in_proj(o), self.dt_proj.weight), "b l di -> b di l")  # low rank: d -> r -> di
         # causal conv over time: left-pad with zeros, or with the cached last inputs when decoding
         k = self.cfg.d_conv - 1
         past = cache.conv if cache is not None else x.new_zeros(x.shape[0], x.shape[1], k)
