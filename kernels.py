@@ -103,7 +103,7 @@ def selective_state_verify_ref(state, x_prev, dt_prev, B_prev, replay, x, dt, A,
 # Triton kernels. One program owns BLOCK_D channels of one batch row (all in one group, so they share
 # B_t and C_t) and keeps their states in registers while it walks time. The scan kernels read time in
 # tiles of TILE steps: u, Delta, z as [BLOCK_D, TILE] tiles (16-byte loads), B and C as [BLOCK_N, TILE];
-# column s of a tile is a compile-time register pick (`_col`), outputs gather into a tile (`_put`).
+# column s of a tile is picked with a compile-time mask (`_col`), outputs gather into a tile (`_put`).
 # The decode kernels hold the states as [BLOCK_N, BLOCK_D]. Why not `tl.associative_scan` along time:
 # see the README (it does more work and moves a [channels, states, time] tile through registers).
 
@@ -116,7 +116,8 @@ def _softplus(x):  # log(1 + e^x), linear past 20 as in PyTorch
 
 
 @triton.jit
-def _col(x, k: tl.constexpr, idx):  # column k of a [rows, TILE] tile whose time axis sits in one thread: a register pick
+def _col(x, k: tl.constexpr, idx):  # column k of a [rows, TILE] tile: a register pick where time sits in one
+    # thread (the forward's 32-channel tiles), a few shuffles where it spans lanes (the backward's 8 channels)
     return tl.sum(tl.where(idx[None, :] == k, x, -0.0), axis=1)
 
 
