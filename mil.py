@@ -299,7 +299,7 @@ class Caches(list):
         self.where = None
         if self.len != 0:
             idx = self.pos + torch.arange(length, device=self.pos.device)  # positions of the new tokens
-            future = torch.arange(self.max_len, device=idx.device) > idx[:, None]  # query i sees keys up to its position
+            future = torch.arange(self.max_len, device=idx.device) > idx[:, None]  # query i sees keys up to its own
             self.where = idx, future.repeat(self.group, 1)
 
     def advance(self, length):  # `length` positions were appended
@@ -328,7 +328,8 @@ class AttnCache:
 
     def __init__(self, caches, cfg, batch, max_len, device, dtype):
         shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.seq, self.k, self.v = caches, torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.seq = caches
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
     def append(self, k, v):  # k, v (b, g, l, e) -> keys, values (b, g, t, e) and the mask (r * l, t), or None
         if self.seq.where is None:  # prefill: plain causal attention over the prompt
@@ -531,7 +532,8 @@ class Model(nn.Module):
 
     def new_caches(self, batch, max_len, device=None, dtype=None, draft_len=0):
         """One cache per layer; draft_len K > 0 prepares the Mamba layers for verifying K drafts."""
-        return Caches(self, batch, max_len, device or self.lm_head.weight.device, dtype or self.lm_head.weight.dtype, draft_len)
+        weight = self.lm_head.weight
+        return Caches(self, batch, max_len, device or weight.device, dtype or weight.dtype, draft_len)
 
 
 # -----------------------------------------------------------------------------------------------
