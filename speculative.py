@@ -279,9 +279,10 @@ def first_divergence(target, a, b, prompt_len):
 
 def context_benchmark(cfg):
     """The teacher and the 50/25/12.5/0% hybrids of the preset's architecture (random weights: speed
-    depends only on the architecture; the gpu preset is the real benchmark, the cpu one a smoke run). Decode: the caches are set to hold `context` positions
-    and one-token steps are timed (CUDA graphs); memory: what the allocator holds for the caches.
-    Prefill: one forward of `context` tokens at batch 1."""
+    depends only on the architecture; the gpu preset is the real benchmark, the cpu one a smoke run).
+    Decode: the caches are set to hold `context` positions and one-token steps are timed (CUDA
+    graphs); memory: what the allocator holds for the caches. Prefill: one forward of `context`
+    tokens at batch 1."""
     dev = torch.device(cfg["device"])
     gpu, full = dev.type == "cuda", cfg["preset"] == "gpu"  # the cpu preset: a smoke run, on any device
     arch = {k: distill.PRESETS[cfg["preset"]][k] for k in ("n_layer", "d_model", "n_head", "n_kv_head")}
