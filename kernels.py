@@ -30,8 +30,9 @@ BACKEND = "auto"  # auto: Triton on CUDA tensors (or on CPU under TRITON_INTERPR
 CHUNK = 32  # time steps per chunk: the forward saves the state at chunk starts for the backward
 TILE = 8  # time steps the scan kernels load at once: 16 bytes of bf16 per channel
 FWD, BWD = (512, 1), (128, 1)  # the scan kernels' launch shapes, (states per warp, warps), chosen by `python kernels.py --sweep`
-CHANNELS = 16  # channels per program ...
+CHANNELS = 16  # channels per program at most ...
 WARPS = 1  # ... and warps per program, for the decode kernels
+PROGRAMS = 256  # ... which take fewer channels per program until they have this many (a step is latency)
 PIECES = 0  # long prompts at small batch: pieces of time run in parallel (0: as many as fill the GPU)
 POISON = False  # tests set it: outputs start as NaN, so an element a kernel forgets to write fails
 
@@ -353,7 +354,7 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bi
 
 @triton.jit
 def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
-                   bias_ptr, out_ptr, W, L, DI, N, REP,
+                   bias_ptr, out_ptr, L, DI, N, REP,
                    s_pb, s_pd, s_pw, s_Pb, s_Pg, s_Pn, s_Pw, s_xb, s_xd, s_xl, s_tb, s_td, s_tl, s_zb, s_zd, s_zl,
                    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_ob, s_od, s_ol,
                    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -364,16 +365,14 @@ def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr,
     b, d, n, mn, g, sp, h, A2 = _decode_tile(state_ptr, A_ptr, DI, N, REP, BLOCK_D, BLOCK_N)
     bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d) if HAS_D else 0.0
-    replay = tl.load(replay_ptr + b)
-    # stage 1: replay the accepted tokens of the previous verification
-    for i in range(W):
+    # stage 1: replay the accepted tokens of the previous verification (this row's count of them)
+    for i in range(tl.load(replay_ptr + b)):
         x = tl.load(xp_ptr + b * s_pb + d * s_pd + i * s_pw).to(tl.float32)
         dt = tl.load(tp_ptr + b * s_pb + d * s_pd + i * s_pw).to(tl.float32) + bias
         if SOFTPLUS:
             dt = _softplus(dt)
         Bt = tl.load(Bp_ptr + b * s_Pb + g * s_Pg + n * s_Pn + i * s_Pw, mask=mn, other=0.0).to(tl.float32)
-        h_next = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
-        h = tl.where(i < replay, h_next, h)
+        h = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
     tl.store(sp, h, mask=mn[:, None])
     # stage 2: the new tokens, outputs only
     for t in range(L):
@@ -404,6 +403,13 @@ def _blocks(di, groups, n, channels=None):
     while rep % (2 * block_d) == 0 and 2 * block_d <= (channels or CHANNELS):
         block_d *= 2
     return block_d, triton.next_power_of_2(n)
+
+
+def _decode_blocks(b, di, groups, n):  # BLOCK_D, BLOCK_N of the decode kernels
+    channels = CHANNELS
+    while channels > 1 and b * di // channels < PROGRAMS:
+        channels //= 2
+    return _blocks(di, groups, n, channels)
 
 
 def _scan_blocks(di, groups, n, shape):
@@ -567,7 +573,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     (b, di), (n, g) = x.shape, (A.shape[1], B.shape[1])
     assert state.shape == (b, di, n) and state.dtype == torch.float32 and state.is_contiguous(), \
         "state must be a contiguous float32 (b, di, n) tensor"
-    block_d, block_n = _blocks(di, g, n)
+    block_d, block_n = _decode_blocks(b, di, g, n)
     out = _alloc(b, di, like=x)
     zz = z if z is not None else x
     A = A.float().contiguous()
@@ -582,16 +588,16 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 def selective_state_verify(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D=None, z=None, dt_bias=None,
                            dt_softplus=False):
     """Triton MultiStep verification; the contract of `selective_state_verify_ref`."""
-    (b, di, L), (n, g), W = x.shape, (A.shape[1], B.shape[1]), x_prev.shape[-1]
+    (b, di, L), (n, g) = x.shape, (A.shape[1], B.shape[1])
     assert state.shape == (b, di, n) and state.dtype == torch.float32 and state.is_contiguous()
     assert dt_prev.stride() == x_prev.stride() and replay.shape == (b,)
-    block_d, block_n = _blocks(di, g, n)
+    block_d, block_n = _decode_blocks(b, di, g, n)
     out = _alloc(b, di, L, like=x)
     zz = z if z is not None else x
     A = A.float().contiguous()
     _verify_kernel[(b, di // block_d)](
         state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D.float() if D is not None else A, zz,
-        dt_bias.float() if dt_bias is not None else A, out, W, L, di, n, di // g, *x_prev.stride(), *B_prev.stride(),
+        dt_bias.float() if dt_bias is not None else A, out, L, di, n, di // g, *x_prev.stride(), *B_prev.stride(),
         *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
