@@ -254,18 +254,17 @@ class RMSNorm(nn.RMSNorm):  # x / sqrt(mean(x^2) + eps) * weight, one fused kern
         super().__init__(dim, eps=eps)
 
 
-def rope_tables(inv_freq, start, length):
-    """cos, sin (l, e) for positions start .. start+length-1 (start: an int or a device tensor),
-    computed on the fly, so that positions past the training context work."""
-    pos = (start + torch.arange(length, device=inv_freq.device)).float()
-    freqs = torch.outer(pos, inv_freq)  # (l, e/2)
-    freqs = torch.cat([freqs, freqs], dim=-1)  # (l, e)
-    return freqs.cos(), freqs.sin()
+def rope_tables(inv_freq, positions, dtype):
+    """cos, sin (l, e) in `dtype` for positions (l,), computed from the positions, so that decoding
+    can go past the training context. The sine carries rotate_half's sign (see apply_rope)."""
+    freqs = torch.outer(positions.float(), inv_freq)  # (l, e/2)
+    return torch.cat([freqs, freqs], dim=-1).cos().to(dtype), torch.cat([-freqs, freqs], dim=-1).sin().to(dtype)
 
 
-def apply_rope(x, cos, sin):  # x (b, heads, l, e): Llama's rotate-half form
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+def apply_rope(x, cos, sin):
+    """x (b, heads, l, e), Llama's rotate-half form: x * cos + rotate_half(x) * sin, with rotate_half(x)
+    = cat(-x2, x1) written as a roll of x by e/2 (its sign is in the sine table): three kernels."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).type_as(x)
 
 
 class Caches(list):
@@ -282,25 +281,31 @@ class Caches(list):
         mamba = [i for i in range(cfg.n_layer) if i not in cfg.attn_layers]
         self.len, self.last, self.pos = 0, 0, torch.zeros((), dtype=torch.long, device=device)
         self.max_len, self.draft_len, self.where = max_len, draft_len, None
+        self.room = 16 * math.ceil(max_len / 16)  # positions allocated: aligned rows for the attention kernel
+        self.steps = torch.arange(self.room, device=device)
+        self.cos, self.sin = rope_tables(model.inv_freq.to(device), self.steps, dtype)  # (room, e) each
+        self.blocked = torch.tensor(-math.inf, dtype=dtype, device=device)  # the mask where a query must not look
         self.group = cfg.n_head // cfg.n_kv_head  # query heads per KV head: the mask's repeats
         di, w = cfg.n_head * cfg.head_dim, draft_len + 1  # with draft_len K: the K+1 verified tokens
         self.conv = torch.zeros(len(mamba), batch, di, k, device=device, dtype=dtype)  # the last k conv inputs
         self.conv_window = torch.zeros(len(mamba), batch, di, k + w, device=device, dtype=dtype) if draft_len else None
         self.replay = torch.zeros(batch, dtype=torch.int32, device=device)  # verified tokens to replay (Algorithm 2)
         super().__init__(MambaCache(self, mamba.index(i), cfg, batch, device, dtype) if i in mamba
-                         else AttnCache(self, cfg, batch, max_len, device, dtype) for i in range(cfg.n_layer))
+                         else AttnCache(self, cfg, batch, device, dtype) for i in range(cfg.n_layer))
 
     def begin(self, length):
         """Before a forward appends `length` positions: check the room, and (past the prefill) set
-        `where`, the new tokens' positions (l,) and the attention mask over the cache (r * l, t),
-        True where a query must not look, shared by every attention layer."""
+        `where`, the new tokens' positions (l,) and the additive attention mask over the cache
+        (r * l, t), -inf where a query must not look, shared by every attention layer. Returns the
+        new positions' RoPE tables, read from the caches' own."""
         if self.len is not None and self.len + length > self.max_len:
             raise ValueError(f"the caches hold {self.max_len} positions, asked for {self.len + length}")
+        idx = self.pos + self.steps[:length]  # positions of the new tokens
         self.where = None
         if self.len != 0:
-            idx = self.pos + torch.arange(length, device=self.pos.device)  # positions of the new tokens
-            future = torch.arange(self.max_len, device=idx.device) > idx[:, None]  # query i sees keys up to its own
-            self.where = idx, future.repeat(self.group, 1)
+            future = self.steps > idx.repeat(self.group)[:, None]  # query i sees keys up to its own
+            self.where = idx, torch.where(future, self.blocked, 0.0)
+        return self.cos[idx], self.sin[idx]
 
     def advance(self, length):  # `length` positions were appended
         self.pos += length
@@ -323,11 +328,11 @@ class Caches(list):
 
 
 class AttnCache:
-    """Static KV cache of one attention layer: (b, g, t_max, e). Appends any number of tokens (the
-    prefill; the K+1 positions of speculative verification) at the shared position."""
+    """Static KV cache of one attention layer: (b, g, t, e), t the caches' room. Appends any number of
+    tokens (the prefill; the K+1 positions of speculative verification) at the shared position."""
 
-    def __init__(self, caches, cfg, batch, max_len, device, dtype):
-        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+    def __init__(self, caches, cfg, batch, device, dtype):
+        shape = (batch, cfg.n_kv_head, caches.room, cfg.head_dim)
         self.seq = caches
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
@@ -363,12 +368,10 @@ class Attention(nn.Module):
         if mask is None:  # training, prefill: causal flash attention, KV heads repeated to the query heads
             rep = self.cfg.n_head // self.cfg.n_kv_head
             y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
-        else:  # decoding: the query heads of a KV head attend together, reading the cache once, uncopied
-            g = self.cfg.n_kv_head
-            qg = rearrange(q, "b (g r) l e -> b g (r l) e", g=g)  # (b, g, r*l, e)
-            scores = (qg @ k.transpose(-1, -2)).float() / math.sqrt(e)  # (b, g, r*l, t)
-            scores = scores.masked_fill(mask, -math.inf)
-            y = rearrange(scores.softmax(-1).type_as(v) @ v, "b g (r l) e -> b (g r) l e", l=x.shape[1])
+        else:  # decoding: the r query heads of a KV head are one block of r*l queries over its cache, uncopied
+            qg = rearrange(q, "b (g r) l e -> b g (r l) e", g=self.cfg.n_kv_head)  # (b, g, r*l, e)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # one fused kernel on GPU
+            y = rearrange(y, "b g (r l) e -> b (g r) l e", l=x.shape[1])
         return self.o_proj(rearrange(y, "b h l e -> b l (h e)"))
 
 
@@ -457,7 +460,11 @@ class MambaMixer(nn.Module):
     def forward(self, o, rope=None, cache=None):  # o (b, l, d); rope is unused: no positions here
         x, B, C = self.project(o)
         z = rearrange(self.z_proj(o), "b l di -> b di l")
-        dt = rearrange(F.linear(self.dt_in_proj(o), self.dt_proj.weight), "b l di -> b di l")  # low rank: d -> r -> di
+        # Delta, low rank d -> r -> di (dt_proj's bias goes to the scan). For several tokens the two weights
+        # are multiplied first: cuBLAS is slow at a few rows through rank r, as in a verification (README)
+        w = self.dt_proj.weight  # (di, r)
+        dt = F.linear(self.dt_in_proj(o), w) if o.shape[1] == 1 else F.linear(o, w @ self.dt_in_proj.weight)
+        dt = rearrange(dt, "b l di -> b di l")
         # causal conv over time: left-pad with zeros, or with the cached last inputs when decoding
         k = self.cfg.d_conv - 1
         past = cache.conv if cache is not None else x.new_zeros(x.shape[0], x.shape[1], k)
@@ -518,10 +525,10 @@ class Model(nn.Module):
                 block.mixer.reset_ssm_parameters()
 
     def forward(self, idx, targets=None, caches=None):  # idx (b, l) -> logits (b, l, v)
-        if caches:
-            caches.begin(idx.shape[1])
-        rope = rope_tables(self.inv_freq, caches.pos if caches else 0, idx.shape[1])  # pos: on the device, for graphs
         x = self.embed(idx)  # (b, l, d)
+        # RoPE tables: the caches' rows at their device position (so that graphs replay), else 0 .. l-1
+        rope = caches.begin(idx.shape[1]) if caches else \
+            rope_tables(self.inv_freq, torch.arange(idx.shape[1], device=idx.device), x.dtype)
         for i, block in enumerate(self.layers):
             x = block(x, rope, caches[i] if caches else None)
         if caches:

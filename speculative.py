@@ -126,18 +126,19 @@ def plain_generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, gene
 
 def accept_drafts(p, q, drafts, temperature, generator=None):
     """The acceptance rule, batched over rows. p (b, K+1, v): target probabilities at the K+1
-    verified positions; q (b, K, v): the draft's; drafts (b, K). Returns (n accepted (b,), next (b,)).
+    verified positions; q (b, K, v): the draft's (unused when greedy); drafts (b, K). Returns
+    (n accepted (b,), next (b,)).
     Greedy: accept while the draft is the target's argmax, then the target's own token. Sampling
     (Leviathan et al. 2023): accept draft x with probability min(1, p(x) / q(x)); at the first
     rejection sample from max(0, p - q), normalized; after K accepted, a bonus token from p."""
     if temperature == 0:
         best = p.argmax(-1)  # (b, K+1)
-        n = (drafts == best[:, :-1]).long().cumprod(-1).sum(-1)
+        n = (drafts == best[:, :-1]).cumprod(-1).sum(-1)
         return n, best.gather(1, n[:, None])[:, 0]
     p_x = p[:, :-1].gather(-1, drafts[..., None])[..., 0]  # (b, K)
     q_x = q.gather(-1, drafts[..., None])[..., 0]
     r = torch.rand(drafts.shape, generator=generator, device=p.device)
-    n = (r * q_x <= p_x).long().cumprod(-1).sum(-1)
+    n = (r * q_x <= p_x).cumprod(-1).sum(-1)
     residual = torch.cat([(p[:, :-1] - q).clamp(min=0), p[:, -1:]], dim=1)  # (b, K+1, v): row K is the bonus
     dist = residual.gather(1, n[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]  # (b, v)
     dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p.gather(1, n[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0])
@@ -148,7 +149,7 @@ def accept_drafts(p, q, drafts, temperature, generator=None):
 def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0.0, top_k=0, generator=None,
                          graphs=False):
     """prompt (1, l >= 2) -> (1, l + max_new_tokens) and stats. The target's caches hold every token but
-    the last, `pending`; the draft's one fewer, so that each round feeds the draft [prev, pending]
+    the last, `pending`; the draft's one fewer, so that each round feeds the draft the last two tokens
     (rewriting one KV entry it had) and every round has the same shapes. A round never waits for the
     host: the acceptance, the caches' rollback and the output all happen on the device, so on GPU a
     whole round is one CUDA graph and the host syncs only to see how many tokens are done."""
@@ -160,44 +161,41 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
     target(prompt[:, :-1], caches=t_caches)
     draft(prompt[:, :-1], caches=d_caches)
     d_caches.truncate(t_caches.pos - 1)
-    tokens = torch.cat([prompt, prompt.new_zeros(1, max_new_tokens + k + 1)], dim=1)
-    written = torch.tensor(l, device=dev)  # tokens written so far
-    prev, pending = prompt[:, -2:-1].clone(), prompt[:, -1:].clone()
-    counts = torch.zeros(2, dtype=torch.long, device=dev)  # drafts accepted, drafts tested
-    steps = torch.arange(k + 1, device=dev)
+    tokens = torch.cat([prompt, prompt.new_zeros(1, max_new_tokens + k + 1)], dim=1)  # pending at t_caches.pos
+    last_two = torch.tensor([-1, 0], device=dev)  # from the target's position: the token before pending, pending
+    slots = torch.arange(-k, 1, device=dev)  # after a verification, the K+1 slots after pending
+    rejections = torch.zeros((), dtype=torch.long, device=dev)  # rounds that rejected a draft
 
     def round_():
         # the draft proposes K tokens
-        logits = draft(torch.cat([prev, pending], dim=1), caches=d_caches)[0][:, -1]
+        seq = tokens.index_select(1, t_caches.pos + last_two)  # (1, 2)
+        logits = draft(seq, caches=d_caches)[0][:, -1]
         drafts, qs = [], []
         for i in range(k):
-            qs.append(mil.probabilities(logits, temperature, top_k) if temperature > 0 else logits)
+            qs.append(mil.probabilities(logits, temperature, top_k) if temperature > 0 else None)
             drafts.append(mil.sample_probs(qs[-1], gen) if temperature > 0 else logits.argmax(-1, keepdim=True))
             if i < k - 1:
                 logits = draft(drafts[-1], caches=d_caches)[0][:, -1]
-        seq = torch.cat([pending] + drafts, dim=1)  # (1, K+1)
+        seq = torch.cat([seq[:, 1:]] + drafts, dim=1)  # (1, K+1): pending, d_1 .. d_K
         # the target scores the K+1 positions in one pass and accepts a prefix
         t_logits = target(seq, caches=t_caches)[0]  # (1, K+1, v)
         p = mil.probabilities(t_logits, temperature, top_k) if temperature > 0 else t_logits
-        n, nxt = accept_drafts(p, torch.stack(qs, dim=1), seq[:, 1:], temperature, gen)  # (1,), (1,)
-        t_caches.accept(n[0] + 1)  # pending and the n accepted drafts
+        n, nxt = accept_drafts(p, torch.stack(qs, dim=1) if temperature > 0 else None, seq[:, 1:], temperature, gen)
+        # write d_1 .. d_n, next after pending (the slots after them are overwritten by the next round)
+        emitted = torch.cat([seq[:, 1:], nxt[:, None]], dim=1).scatter_(1, n[:, None], nxt[:, None])
+        tokens.index_copy_(1, t_caches.pos + slots, emitted)
+        t_caches.accept(n[0] + 1)  # pending and the n accepted drafts; next is the new pending
         d_caches.truncate(t_caches.pos - 1)
-        # write d_1 .. d_n, next (the slots after them are overwritten by the next round)
-        emitted = torch.where(steps < n, torch.cat([seq[:, 1:], nxt[:, None]], dim=1), nxt[:, None])
-        tokens.index_copy_(1, written + steps, emitted)
-        written.add_(n[0] + 1)
-        prev.copy_(seq.gather(1, n[:, None]))
-        pending.copy_(nxt[:, None])
-        counts.add_(torch.cat([n, (n + 1).clamp(max=k)]))
+        rejections.add_(n[0] < k)
 
-    round_ = graphed(round_, [t_caches, d_caches], [tokens, written, prev, pending, counts], graphs)
+    round_ = graphed(round_, [t_caches, d_caches], [tokens, rejections], graphs)
     rounds, t0 = 0, clock(dev)
-    while (left := l + max_new_tokens - int(written)) > 0:
+    while (left := max_new_tokens - (int(t_caches.pos) + 1 - l)) > 0:
         for _ in range(max(1, left // (k + 1))):  # rounds that cannot write past the buffers
             round_()
             rounds += 1
-    accepted, tested = counts.tolist()
-    return tokens[:, :l + max_new_tokens], dict(rounds=rounds, accepted=accepted, tested=tested,
+    accepted = int(t_caches.pos) + 1 - l - rounds  # each round wrote its accepted drafts and one token more
+    return tokens[:, :l + max_new_tokens], dict(rounds=rounds, accepted=accepted, tested=accepted + int(rejections),
                                                 seconds=clock(dev) - t0)
 
 
