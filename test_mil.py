@@ -467,7 +467,7 @@ def test_chi_square_catches_a_wrong_acceptance_rule():
 
 TINY = ["--preset=cpu", "--scan=ref", "--n_layer=2", "--d_model=32", "--n_head=2", "--n_kv_head=1", "--block_size=16",
         "--batch_size=4", "--teacher_steps=12", "--eval_every=4", "--eval_windows=4", "--ckpt_every=3", "--log_every=100",
-        "--attn_fractions=0.5", "--distill_steps=6", "--ft_steps=3", "--draft_steps=3", "--warmup=2"]
+        "--attn_fractions=0.5", "--distill_steps=6", "--ft_steps=3", "--draft_steps=3", "--draft_sequences=8", "--warmup=2"]
 
 
 def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
