@@ -412,6 +412,9 @@ def resolve(argv):
     cfg["out_dir"] = cfg["out_dir"] or os.path.join(mil.HERE, "out", preset)
     if cfg["targets"] not in ("corpus", "teacher"):
         raise SystemExit(f"--targets takes corpus or teacher; got {cfg['targets']!r}")
+    for key in ("draft_sequences", "pseudo_sequences"):
+        if cfg[key] < 1:
+            raise SystemExit(f"--{key} takes a positive number of teacher generations; got {cfg[key]}")
     kernels.BACKEND = cfg["scan"]
     kernels.use_triton(torch.device(cfg["device"]))  # validates --scan and says which path runs
     return cfg

@@ -329,6 +329,8 @@ def test_options_reject_unknown_keys_and_bad_types():
         mil.parse_options(defaults, ["--steps=ten"])
     with pytest.raises(SystemExit, match="--preset takes"):
         distill.resolve(["--preset=tpu"])
+    with pytest.raises(SystemExit, match="--draft_sequences takes a positive number"):
+        distill.resolve(["--preset=cpu", "--draft_sequences=0"])
 
 
 def test_checkpoint_with_another_config_is_refused(tmp_path):
