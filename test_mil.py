@@ -199,10 +199,13 @@ def test_long_prefill_in_pieces_matches_reference(b, autocast, monkeypatch):
     torch.testing.assert_close(last, last_ref, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("groups,n,options", [(1, 4, (1, 1, 1)), (2, 16, (0, 0, 0)), (4, 5, (1, 0, 1))])
-def test_triton_step_matches_reference_and_scan(groups, n, options, monkeypatch):
-    """One decode step against the reference step; N steps against one scan of length N."""
+@pytest.mark.parametrize("groups,n,options,programs",
+                         [(1, 4, (1, 1, 1), 1), (2, 16, (0, 0, 0), 256), (4, 5, (1, 0, 1), 1)])
+def test_triton_step_matches_reference_and_scan(groups, n, options, programs, monkeypatch):
+    """One decode step against the reference step; N steps against one scan of length N. `programs`
+    1 lets a program take several channels (16 and 4 here), 256 one channel each."""
     monkeypatch.setattr(kernels, "POISON", True)
+    monkeypatch.setattr(kernels, "PROGRAMS", programs)
     has_D, has_z, has_bias = options
     x = scan_inputs(b=3, di=16, L=5, n=n, groups=groups, device=DEV, options=(has_D, has_z, has_bias, 1))
     state, state_ref = x["initial_state"].clone(), x["initial_state"].clone()
@@ -396,11 +399,13 @@ def test_cuda_graph_decoding_matches_eager(temperature):
         assert torch.equal(runs[0], runs[1]), fn.__name__
 
 
-@pytest.mark.parametrize("groups,n", [(1, 4), (4, 16)])
-def test_verify_kernel_matches_reference_for_every_replay_count(groups, n, monkeypatch):
+@pytest.mark.parametrize("groups,n,programs", [(1, 4, 1), (4, 16, 256)])
+def test_verify_kernel_matches_reference_for_every_replay_count(groups, n, programs, monkeypatch):
     """Algorithm 2's fused MultiStep kernel against its loop of reference steps, for every number of
-    replayed tokens 0 .. K+1 (each row of the batch its own), outputs and committed state."""
+    replayed tokens 0 .. K+1 (each row of the batch its own), outputs and committed state. `programs`
+    1: a program takes all 8 channels; 256: one channel each."""
     monkeypatch.setattr(kernels, "POISON", True)
+    monkeypatch.setattr(kernels, "PROGRAMS", programs)
     K = 3
     prev = scan_inputs(b=K + 2, di=8, L=K + 1, n=n, groups=groups, device=DEV)
     new = scan_inputs(b=K + 2, di=8, L=K + 1, n=n, groups=groups, device=DEV)
