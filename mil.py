@@ -318,8 +318,7 @@ class Caches(list):
         self.pos += m - self.last
         self.len = self.len - self.last + m if isinstance(m, int) and self.len is not None else None
         if self.draft_len and len(self.conv):
-            window = m + torch.arange(self.conv.shape[-1], device=self.conv.device)
-            torch.index_select(self.conv_window, -1, window, out=self.conv)
+            torch.index_select(self.conv_window, -1, m + self.steps[:self.conv.shape[-1]], out=self.conv)
             self.replay.copy_(torch.as_tensor(m))
 
     def truncate(self, length):  # keep the first `length` positions (an int or a device tensor); attention only
