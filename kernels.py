@@ -88,16 +88,20 @@ def selective_state_verify_ref(state, x_prev, dt_prev, B_prev, replay, x, dt, A,
     the committed state (b, di, n), the first replay[b] of the previously verified tokens (x_prev,
     dt_prev (b, di, w); B_prev (b, g, n, w)): their outputs are known already. Then step through the
     new tokens (x, dt, z (b, di, l); B, C (b, g, n, l)) from a copy, emitting y (b, di, l); the
-    committed state stays at the last accepted token."""
+    committed state stays at the last accepted token. The new x and dt are stored into x_prev and
+    dt_prev for the next verification (B_prev is the caller's to update: every channel of a group
+    reads it)."""
     for i in range(x_prev.shape[-1]):
         stepped = state.clone()
         selective_state_update_ref(stepped, x_prev[..., i], dt_prev[..., i], A, B_prev[..., i], B_prev[..., i],
                                    dt_bias=dt_bias, dt_softplus=dt_softplus)
         state.copy_(torch.where((i < replay)[:, None, None], stepped, state))  # rows replay their own count
     h = state.clone()
-    return torch.stack([selective_state_update_ref(h, x[..., t], dt[..., t], A, B[..., t], C[..., t], D,
-                                                   z[..., t] if z is not None else None, dt_bias, dt_softplus)
-                        for t in range(x.shape[-1])], dim=-1)
+    y = torch.stack([selective_state_update_ref(h, x[..., t], dt[..., t], A, B[..., t], C[..., t], D,
+                                                z[..., t] if z is not None else None, dt_bias, dt_softplus)
+                     for t in range(x.shape[-1])], dim=-1)
+    x_prev[..., :x.shape[-1]], dt_prev[..., :x.shape[-1]] = x, dt
+    return y
 
 
 # -----------------------------------------------------------------------------------------------
@@ -361,7 +365,8 @@ def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Algorithm 2's MultiStep: load the committed state, replay the accepted prefix of the last
     verified tokens (no outputs), store it as the new committed state, then step through the new
-    tokens emitting outputs and writing no state."""
+    tokens emitting outputs and writing no state, only their x and Delta over the replayed ones (a
+    program's own channels: no other program reads them)."""
     b, d, n, mn, g, sp, h, A2 = _decode_tile(state_ptr, A_ptr, DI, N, REP, BLOCK_D, BLOCK_N)
     bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
     Dv = tl.load(D_ptr + d) if HAS_D else 0.0
@@ -374,10 +379,14 @@ def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr,
         Bt = tl.load(Bp_ptr + b * s_Pb + g * s_Pg + n * s_Pn + i * s_Pw, mask=mn, other=0.0).to(tl.float32)
         h = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
     tl.store(sp, h, mask=mn[:, None])
+    tl.debug_barrier()  # every replayed input is read before stage 2 overwrites it
     # stage 2: the new tokens, outputs only
     for t in range(L):
-        x = tl.load(x_ptr + b * s_xb + d * s_xd + t * s_xl).to(tl.float32)
-        dt = tl.load(dt_ptr + b * s_tb + d * s_td + t * s_tl).to(tl.float32) + bias
+        x = tl.load(x_ptr + b * s_xb + d * s_xd + t * s_xl)
+        dt = tl.load(dt_ptr + b * s_tb + d * s_td + t * s_tl)
+        tl.store(xp_ptr + b * s_pb + d * s_pd + t * s_pw, x.to(xp_ptr.dtype.element_ty))
+        tl.store(tp_ptr + b * s_pb + d * s_pd + t * s_pw, dt.to(tp_ptr.dtype.element_ty))
+        x, dt = x.to(tl.float32), dt.to(tl.float32) + bias
         if SOFTPLUS:
             dt = _softplus(dt)
         Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + n * s_Bn + t * s_Bl, mask=mn, other=0.0).to(tl.float32)
@@ -590,9 +599,9 @@ def selective_state_verify(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, 
     """Triton MultiStep verification; the contract of `selective_state_verify_ref`."""
     (b, di, L), (n, g) = x.shape, (A.shape[1], B.shape[1])
     assert state.shape == (b, di, n) and state.dtype == torch.float32 and state.is_contiguous()
-    assert dt_prev.stride() == x_prev.stride() and replay.shape == (b,)
+    assert dt_prev.stride() == x_prev.stride() and replay.shape == (b,) and x_prev.shape[-1] >= L
     block_d, block_n = _decode_blocks(b, di, g, n)
-    out = _alloc(b, di, L, like=x)
+    out = _alloc(b, L, di, like=x).transpose(1, 2)  # (b, di, l) laid out as (b, l, di), as o_proj reads it
     zz = z if z is not None else x
     A = A.float().contiguous()
     _verify_kernel[(b, di // block_d)](
@@ -743,7 +752,9 @@ def benchmark():
                     selective_state_update(states[i], xs[..., i], dts[..., i], A, Bs[..., i], Cs[..., i], D, zs[..., i], bias, True)
                     prev = states[i]
 
-            t_fused = graph_bench(lambda: selective_state_verify(state, xs, dts, Bs, replay, xs, dts, A, Bs, Cs, D, zs, bias, True))
+            x_prev, dt_prev = xs.clone(), dts.clone()  # the fused kernel stores the new x, Delta here
+            t_fused = graph_bench(lambda: selective_state_verify(state, x_prev, dt_prev, Bs, replay, xs, dts, A, Bs, Cs, D,
+                                                                 zs, bias, True))
             t_naive = graph_bench(five_steps)
             print(f"| verify K+1=5 (fused vs 5 saving steps: {t_naive * 1e6:.1f} us) | {b} | {n} | {t_fused * 1e6:.1f} | "
                   f"- | {t_naive / t_fused:.1f}x |")

@@ -255,15 +255,17 @@ class RMSNorm(nn.RMSNorm):  # x / sqrt(mean(x^2) + eps) * weight, one fused kern
 
 
 def rope_tables(inv_freq, positions, dtype):
-    """cos, sin (l, e) in `dtype` for positions (l,), computed from the positions, so that decoding
-    can go past the training context. The sine carries rotate_half's sign (see apply_rope)."""
-    freqs = torch.outer(positions.float(), inv_freq)  # (l, e/2)
+    """cos, sin (l, 1, e) in `dtype` for positions (l,), computed from the positions, so that decoding
+    can go past the training context; the 1 broadcasts over heads. The sine carries rotate_half's sign
+    (see apply_rope)."""
+    freqs = torch.outer(positions.float(), inv_freq)[:, None]  # (l, 1, e/2)
     return torch.cat([freqs, freqs], dim=-1).cos().to(dtype), torch.cat([-freqs, freqs], dim=-1).sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x (b, heads, l, e), Llama's rotate-half form: x * cos + rotate_half(x) * sin, with rotate_half(x)
-    = cat(-x2, x1) written as a roll of x by e/2 (its sign is in the sine table): three kernels."""
+    """x (b, l, heads, e), Llama's rotate-half form: x * cos + rotate_half(x) * sin, with rotate_half(x)
+    = cat(-x2, x1) written as a roll of x by e/2 (its sign is in the sine table): three kernels, on the
+    projection's own layout (a roll of a transposed view would copy it first)."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).type_as(x)
 
 
@@ -283,27 +285,30 @@ class Caches(list):
         self.max_len, self.draft_len, self.where = max_len, draft_len, None
         self.room = 16 * math.ceil(max_len / 16)  # positions allocated: aligned rows for the attention kernel
         self.steps = torch.arange(self.room, device=device)
-        self.cos, self.sin = rope_tables(model.inv_freq.to(device), self.steps, dtype)  # (room, e) each
+        self.cos, self.sin = rope_tables(model.inv_freq.to(device), self.steps, dtype)  # (room, 1, e) each
         self.blocked = torch.tensor(-math.inf, dtype=dtype, device=device)  # the mask where a query must not look
-        self.group = cfg.n_head // cfg.n_kv_head  # query heads per KV head: the mask's repeats
         di, w = cfg.n_head * cfg.head_dim, draft_len + 1  # with draft_len K: the K+1 verified tokens
         self.conv = torch.zeros(len(mamba), batch, di, k, device=device, dtype=dtype)  # the last k conv inputs
         self.conv_window = torch.zeros(len(mamba), batch, di, k + w, device=device, dtype=dtype) if draft_len else None
         self.replay = torch.zeros(batch, dtype=torch.int32, device=device)  # verified tokens to replay (Algorithm 2)
+        # decoding's Delta: the two low-rank weights multiplied once, d -> di (cuBLAS is slow at a few rows
+        # through rank r). A list: constants, which graphs need not restore and which are not cache memory
+        self.dt_weights = [(m.dt_proj.weight.float() @ m.dt_in_proj.weight.float()).detach().to(device, dtype)
+                           for m in (model.layers[i].mixer for i in mamba)]  # (di, d) each
         super().__init__(MambaCache(self, mamba.index(i), cfg, batch, device, dtype) if i in mamba
                          else AttnCache(self, cfg, batch, device, dtype) for i in range(cfg.n_layer))
 
     def begin(self, length):
         """Before a forward appends `length` positions: check the room, and (past the prefill) set
         `where`, the new tokens' positions (l,) and the additive attention mask over the cache
-        (r * l, t), -inf where a query must not look, shared by every attention layer. Returns the
-        new positions' RoPE tables, read from the caches' own."""
+        (l, t), -inf where a query must not look, shared by every attention layer and head. Returns
+        the new positions' RoPE tables, read from the caches' own."""
         if self.len is not None and self.len + length > self.max_len:
             raise ValueError(f"the caches hold {self.max_len} positions, asked for {self.len + length}")
         idx = self.pos + self.steps[:length]  # positions of the new tokens
         self.where = None
         if self.len != 0:
-            future = self.steps > idx.repeat(self.group)[:, None]  # query i sees keys up to its own
+            future = self.steps > idx[:, None]  # query i sees keys up to its own position
             self.where = idx, torch.where(future, self.blocked, 0.0)
         return self.cos[idx], self.sin[idx]
 
@@ -335,7 +340,7 @@ class AttnCache:
         self.seq = caches
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
-    def append(self, k, v):  # k, v (b, g, l, e) -> keys, values (b, g, t, e) and the mask (r * l, t), or None
+    def append(self, k, v):  # k, v (b, g, l, e) -> keys, values (b, g, t, e) and the mask (l, t), or None
         if self.seq.where is None:  # prefill: plain causal attention over the prompt
             self.k[:, :, :k.shape[2]], self.v[:, :, :k.shape[2]] = k, v
             return k, v, None
@@ -357,20 +362,18 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache=None):  # x (b, l, d)
         e = self.cfg.head_dim
-        q = rearrange(self.q_proj(x), "b l (h e) -> b h l e", e=e)
-        k = rearrange(self.k_proj(x), "b l (g e) -> b g l e", e=e)
-        v = rearrange(self.v_proj(x), "b l (g e) -> b g l e", e=e)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = apply_rope(rearrange(self.q_proj(x), "b l (h e) -> b l h e", e=e), *rope)
+        k = apply_rope(rearrange(self.k_proj(x), "b l (g e) -> b l g e", e=e), *rope)
+        v = rearrange(self.v_proj(x), "b l (g e) -> b l g e", e=e)
+        q, k, v = (rearrange(t, "b l h e -> b h l e") for t in (q, k, v))  # views: SDPA takes any strides
         mask = None
         if cache is not None:
-            k, v, mask = cache.append(k, v)  # (b, g, t, e); mask (r * l, t) past the prefill
-        if mask is None:  # training, prefill: causal flash attention, KV heads repeated to the query heads
-            rep = self.cfg.n_head // self.cfg.n_kv_head
+            k, v, mask = cache.append(k, v)  # (b, g, t, e); mask (l, t) past the prefill
+        if mask is None:  # training, prefill: causal attention, KV heads repeated to the query heads
+            rep = self.cfg.n_head // self.cfg.n_kv_head  # (as copies: on the H200 its training step is faster)
             y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
-        else:  # decoding: the r query heads of a KV head are one block of r*l queries over its cache, uncopied
-            qg = rearrange(q, "b (g r) l e -> b g (r l) e", g=self.cfg.n_kv_head)  # (b, g, r*l, e)
-            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # one fused kernel on GPU
-            y = rearrange(y, "b g (r l) e -> b (g r) l e", l=x.shape[1])
+        else:  # decoding: a few queries over the cache; a KV head's query heads read it in place (one cuDNN kernel)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(rearrange(y, "b h l e -> b l (h e)"))
 
 
@@ -397,7 +400,7 @@ class MambaCache:
 
     def __init__(self, caches, j, cfg, batch, device, dtype):
         di, n, g, w = cfg.n_head * cfg.head_dim, cfg.head_dim, cfg.n_head, caches.draft_len + 1
-        self.seq, self.conv, self.replay = caches, caches.conv[j], caches.replay  # conv (b, di, d_conv-1)
+        self.seq, self.j, self.conv, self.replay = caches, j, caches.conv[j], caches.replay  # conv (b, di, d_conv-1)
         self.ssm = torch.zeros(batch, di, n, device=device, dtype=torch.float32)  # (b, di, n): committed state
         if caches.draft_len:
             self.conv_window = caches.conv_window[j]  # (b, di, d_conv-1 + K+1)
@@ -459,10 +462,9 @@ class MambaMixer(nn.Module):
     def forward(self, o, rope=None, cache=None):  # o (b, l, d); rope is unused: no positions here
         x, B, C = self.project(o)
         z = rearrange(self.z_proj(o), "b l di -> b di l")
-        # Delta, low rank d -> r -> di (dt_proj's bias goes to the scan). For several tokens the two weights
-        # are multiplied first: cuBLAS is slow at a few rows through rank r, as in a verification (README)
-        w = self.dt_proj.weight  # (di, r)
-        dt = F.linear(self.dt_in_proj(o), w) if o.shape[1] == 1 else F.linear(o, w @ self.dt_in_proj.weight)
+        # Delta, low rank d -> r -> di (dt_proj's bias goes to the scan); decoding: the weights multiplied once
+        dt = F.linear(o, cache.seq.dt_weights[cache.j]) if cache is not None else \
+            F.linear(self.dt_in_proj(o), self.dt_proj.weight)
         dt = rearrange(dt, "b l di -> b di l")
         # causal conv over time: left-pad with zeros, or with the cached last inputs when decoding
         k = self.cfg.d_conv - 1
@@ -476,8 +478,7 @@ class MambaMixer(nn.Module):
             return self.o_proj(rearrange(kernels.scan(x, dt, A, B, C, **args), "b di l -> b l di"))
         if verify:  # speculative verification (Algorithm 2): one fused kernel; x_pad went to the conv window
             y = kernels.verify(cache.ssm, cache.x, cache.dt, cache.B, cache.replay, x, dt, A, B, C, **args)
-            for buf, new in ((cache.x, x), (cache.dt, dt), (cache.B, B)):
-                buf.copy_(new)  # the next verification replays the accepted prefix of these
+            cache.B.copy_(B)  # the kernel stored x and Delta: the next verification replays a prefix of these
         elif o.shape[1] == 1:  # one decode step updates the state in place
             y = kernels.step(cache.ssm, x[..., 0], dt[..., 0], A, B[..., 0], C[..., 0], D=args["D"], z=z[..., 0],
                              dt_bias=args["delta_bias"], dt_softplus=True)[..., None]

@@ -313,7 +313,8 @@ def measure_context(model, batch, context, steps, dev, graphs):
             torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated() if gpu else 0
         caches = model.new_caches(batch, context + steps + 2)
-        cache_mib = (torch.cuda.memory_allocated() - before) / batch / 2 ** 20 if gpu else \
+        constants = sum(w.numel() * w.element_size() for w in caches.dt_weights)  # per model, not per sequence
+        cache_mib = (torch.cuda.memory_allocated() - before - constants) / batch / 2 ** 20 if gpu else \
             sum(t.numel() * t.element_size() for t in cache_tensors(caches)) / batch / 2 ** 20
         caches.len = context  # as if `context` tokens had been decoded: speed does not depend on their values
         caches.pos.fill_(context)

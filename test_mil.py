@@ -402,22 +402,26 @@ def test_cuda_graph_decoding_matches_eager(temperature):
 @pytest.mark.parametrize("groups,n,programs", [(1, 4, 1), (4, 16, 256)])
 def test_verify_kernel_matches_reference_for_every_replay_count(groups, n, programs, monkeypatch):
     """Algorithm 2's fused MultiStep kernel against its loop of reference steps, for every number of
-    replayed tokens 0 .. K+1 (each row of the batch its own), outputs and committed state. `programs`
-    1: a program takes all 8 channels; 256: one channel each."""
+    replayed tokens 0 .. K+1 (each row of the batch its own): outputs, committed state, and the new
+    tokens' x and Delta stored for the next verification. `programs` 1: a program takes all 8
+    channels; 256: one channel each."""
     monkeypatch.setattr(kernels, "POISON", True)
     monkeypatch.setattr(kernels, "PROGRAMS", programs)
     K = 3
     prev = scan_inputs(b=K + 2, di=8, L=K + 1, n=n, groups=groups, device=DEV)
     new = scan_inputs(b=K + 2, di=8, L=K + 1, n=n, groups=groups, device=DEV)
     replay = torch.arange(K + 2, dtype=torch.int32, device=DEV)  # row r replays r tokens
-    state = prev["initial_state"].clone()
-    state_ref = state.clone()
     args = (new["u"], new["delta"], new["A"], new["B"], new["C"])
     kw = dict(D=new["D"], z=new["z"], dt_bias=new["delta_bias"], dt_softplus=True)
-    y = kernels.selective_state_verify(state, prev["u"], prev["delta"], prev["B"], replay, *args, **kw)
-    y_ref = kernels.selective_state_verify_ref(state_ref, prev["u"], prev["delta"], prev["B"], replay, *args, **kw)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-5)
+    runs = []
+    for verify in (kernels.selective_state_verify, kernels.selective_state_verify_ref):
+        state, x_prev, dt_prev = prev["initial_state"].clone(), prev["u"].clone(), prev["delta"].clone()
+        y = verify(state, x_prev, dt_prev, prev["B"], replay, *args, **kw)
+        runs.append((y, state, x_prev, dt_prev))
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    y, state, x_prev, dt_prev = runs[0]
+    assert torch.equal(x_prev, new["u"]) and torch.equal(dt_prev, new["delta"])
     for r in range(K + 2):  # the committed state is the state after exactly r replayed tokens
         h = prev["initial_state"][r:r + 1].clone()
         for i in range(r):
