@@ -31,7 +31,7 @@ PRESETS = {
                 ft_steps=40, draft_steps=150, draft_sequences=256, ablate_steps=40, eval_windows=64),
     "gpu": dict(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, batch_size=32,
                 teacher_steps=700, eval_every=50, lr=2e-3, distill_steps=300, distill_lr=1e-3,
-                ft_steps=100, draft_steps=1500, draft_sequences=2048, ablate_steps=100,
+                ft_steps=100, draft_steps=3000, draft_sequences=2048, ablate_steps=100,
                 eval_windows=236),
 }
 DEFAULTS = dict(
