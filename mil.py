@@ -369,11 +369,9 @@ class Attention(nn.Module):
         mask = None
         if cache is not None:
             k, v, mask = cache.append(k, v)  # (b, g, t, e); mask (l, t) past the prefill
-        if mask is None:  # training, prefill: causal attention, KV heads repeated to the query heads
-            rep = self.cfg.n_head // self.cfg.n_kv_head  # (as copies: on the H200 its training step is faster)
-            y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
-        else:  # decoding: a few queries over the cache; a KV head's query heads read it in place (one cuDNN kernel)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        # training, prefill: causal; decoding: the mask over the cache. The n_head / n_kv_head query heads
+        # of a KV head read it in place (enable_gqa), never a repeated copy: one cuDNN kernel on the H200
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(rearrange(y, "b h l e -> b l (h e)"))
 
 
