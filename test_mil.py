@@ -420,7 +420,7 @@ def test_verify_kernel_matches_reference_for_every_replay_count(groups, n, progr
         runs.append((y, state, x_prev, dt_prev))
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    y, state, x_prev, dt_prev = runs[0]
+    _, state, x_prev, dt_prev = runs[0]
     assert torch.equal(x_prev, new["u"]) and torch.equal(dt_prev, new["delta"])
     for r in range(K + 2):  # the committed state is the state after exactly r replayed tokens
         h = prev["initial_state"][r:r + 1].clone()
