@@ -285,7 +285,8 @@ class Caches(list):
         self.max_len, self.draft_len, self.where = max_len, draft_len, None
         self.room = 16 * math.ceil(max_len / 16)  # positions allocated: aligned rows for the attention kernel
         self.steps = torch.arange(self.room, device=device)
-        self.cos, self.sin = rope_tables(model.inv_freq.to(device), self.steps, dtype)  # (room, 1, e) each
+        self.cos, self.sin = rope_tables(model.inv_freq.to(device), self.steps, dtype) if cfg.attn_layers else \
+            (None, None)  # (room, 1, e) each; a model without attention has no positions to encode
         self.blocked = torch.tensor(-math.inf, dtype=dtype, device=device)  # the mask where a query must not look
         di, w = cfg.n_head * cfg.head_dim, draft_len + 1  # with draft_len K: the K+1 verified tokens
         self.conv = torch.zeros(len(mamba), batch, di, k, device=device, dtype=dtype)  # the last k conv inputs
@@ -302,7 +303,7 @@ class Caches(list):
         """Before a forward appends `length` positions: check the room, and (past the prefill) set
         `where`, the new tokens' positions (l,) and the additive attention mask over the cache
         (l, t), -inf where a query must not look, shared by every attention layer and head. Returns
-        the new positions' RoPE tables, read from the caches' own."""
+        the new positions' RoPE tables, read from the caches' own (None without attention layers)."""
         if self.len is not None and self.len + length > self.max_len:
             raise ValueError(f"the caches hold {self.max_len} positions, asked for {self.len + length}")
         idx = self.pos + self.steps[:length]  # positions of the new tokens
@@ -310,7 +311,7 @@ class Caches(list):
         if self.len != 0:
             future = self.steps > idx[:, None]  # query i sees keys up to its own position
             self.where = idx, torch.where(future, self.blocked, 0.0)
-        return self.cos[idx], self.sin[idx]
+        return (self.cos[idx], self.sin[idx]) if self.cos is not None else None
 
     def advance(self, length):  # `length` positions were appended
         self.pos += length

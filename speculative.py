@@ -279,8 +279,9 @@ def context_benchmark(cfg):
     """The teacher and the 50/25/12.5/0% hybrids of the preset's architecture (random weights: speed
     depends only on the architecture; the gpu preset is the real benchmark, the cpu one a smoke run).
     Decode: the caches are set to hold `context` positions and one-token steps are timed (CUDA
-    graphs); memory: what the allocator holds for the caches. Prefill: one forward of `context`
-    tokens at batch 1."""
+    graphs); memory: the bytes of the caches' tensors over the batch (the state, and the RoPE table
+    and positions every sequence shares; not Delta's folded weights, a copy of the model's). Prefill:
+    one forward of `context` tokens at batch 1."""
     dev = torch.device(cfg["device"])
     gpu, full = dev.type == "cuda", cfg["preset"] == "gpu"  # the cpu preset: a smoke run, on any device
     arch = {k: distill.PRESETS[cfg["preset"]][k] for k in ("n_layer", "d_model", "n_head", "n_kv_head")}
@@ -311,11 +312,8 @@ def measure_context(model, batch, context, steps, dev, graphs):
     try:
         if gpu:
             torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated() if gpu else 0
         caches = model.new_caches(batch, context + steps + 2)
-        constants = sum(w.numel() * w.element_size() for w in caches.dt_weights)  # per model, not per sequence
-        cache_mib = (torch.cuda.memory_allocated() - before - constants) / batch / 2 ** 20 if gpu else \
-            sum(t.numel() * t.element_size() for t in cache_tensors(caches)) / batch / 2 ** 20
+        cache_mib = sum(t.numel() * t.element_size() for t in cache_tensors(caches)) / batch / 2 ** 20
         caches.len = context  # as if `context` tokens had been decoded: speed does not depend on their values
         caches.pos.fill_(context)
         tok = torch.randint(0, model.cfg.vocab_size, (batch, 1), device=dev)

@@ -283,6 +283,7 @@ def test_hybrid_cached_decoding_matches_forward():
     hybrid = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3))
     assert [type(b.mixer).__name__ for b in hybrid.layers] == ["MambaMixer", "Attention"] * 2
     check_cached_decoding(hybrid, torch.randint(0, 4096, (2, 16)))
+    check_cached_decoding(mil.hybrid_from_teacher(teacher, attn_layers=()), torch.randint(0, 4096, (2, 16)))  # no RoPE
 
 
 def test_hybrid_copies_teacher_exactly():
