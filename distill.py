@@ -1,13 +1,17 @@
 """
-Distill a tiny Llama into Mamba/attention hybrids on Shakespeare (The Mamba in the Llama, §3).
+Distill a Llama into Mamba/attention hybrids (The Mamba in the Llama, §3): a tiny one trained here on
+Shakespeare, or a real pretrained one (SmolLM2-135M-Instruct, or any local GGUF / Hugging Face Llama).
 
-    python distill.py              stage 0: train the teacher; stage 1: distill it stepwise into the
-                                   50%, 25%, 12.5% attention hybrids (MLPs frozen); stage 2: fine-tune
-                                   each end to end; the speculative-decoding draft; evaluate them all
-    python distill.py --ablate     the same, then the paper's ablations as markdown tables
+    python distill.py                    stage 0: train the toy teacher; stage 1: distill it stepwise into
+                                         the 50%, 25%, 12.5% attention hybrids (MLPs frozen); stage 2:
+                                         fine-tune each end to end; the speculative-decoding draft; evaluate
+    python distill.py --teacher=smollm2  the same from SmolLM2-135M-Instruct (no stage 0), evaluated on
+                                         held-out plays and on the teacher's own held-out generations
+    python distill.py --ablate           then the paper's ablations as markdown tables
 
 Finished stages are skipped on a rerun; an interrupted stage resumes from its last checkpoint.
-Checkpoints live in out/<preset>/. Every setting below is overridable as --key=value.
+Checkpoints live in out/<preset>/ (out/<teacher>/ for a pretrained one). Every setting below is
+overridable as --key=value; --help lists them.
 """
 import itertools
 import math
@@ -24,21 +28,26 @@ from tqdm import tqdm
 import kernels
 import mil
 
-# the presets: cpu finishes the whole pipeline in minutes on 2 cores; gpu is sized for one H200
+# the presets: cpu finishes the toy pipeline in minutes on 2 cores; gpu is the toy sized for one H200;
+# smollm2 distills a pretrained teacher (its own architecture) on one H200 within 10 minutes
 PRESETS = {
-    "cpu": dict(n_layer=8, d_model=64, n_head=4, n_kv_head=2, block_size=64, batch_size=16,
+    "cpu": dict(n_layer=8, d_model=64, n_head=4, n_kv_head=2, block_size=64, batch_size=16, dropout=0.0,
                 teacher_steps=800, eval_every=100, lr=3e-3, distill_steps=100, distill_lr=2e-3,
-                ft_steps=40, draft_steps=150, draft_sequences=256, ablate_steps=40, eval_windows=64),
-    "gpu": dict(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, batch_size=32,
-                teacher_steps=700, eval_every=50, lr=2e-3, distill_steps=300, distill_lr=1e-3,
-                ft_steps=100, draft_steps=3000, draft_sequences=2048, ablate_steps=100,
-                eval_windows=236),
+                ft_steps=40, draft_steps=150, generations=512, ablate_steps=40, eval_windows=64),
+    "gpu": dict(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, batch_size=32, dropout=0.3,
+                teacher_steps=1500, eval_every=50, lr=2e-3, distill_steps=300, distill_lr=1e-3,
+                ft_steps=100, draft_steps=3000, generations=4096, ablate_steps=100, eval_windows=236),
+    "smollm2": dict(block_size=512, batch_size=16, eval_every=100, distill_steps=400, distill_lr=1e-3,
+                    ft_steps=100, draft_steps=1500, generations=1024, ablate_steps=200, eval_windows=128,
+                    attn_fractions="0.5,0.25", targets="teacher"),
 }
+ARCH = ("n_layer", "d_model", "n_head", "n_kv_head")  # the toy teacher's; a pretrained one brings its own
 DEFAULTS = dict(
-    preset="auto",  # cpu | gpu | auto (gpu when CUDA is available)
+    teacher="toy",  # toy (stage 0 trains it here) | smollm2 | a .gguf file | a Hugging Face Llama directory
+    preset="auto",  # cpu | gpu | smollm2 | auto (cpu without CUDA; else gpu, or smollm2 for a pretrained teacher)
     device="auto",  # cpu | cuda | auto
     scan="auto",  # selective scan: auto (Triton on GPU) | triton | ref
-    out_dir="",  # default: out/<preset>
+    out_dir="",  # default: out/<preset>, or out/<teacher name> (out/<name>-cpu on the cpu preset)
     seed=1337,
     **PRESETS["cpu"],
     warmup=50,
@@ -51,8 +60,9 @@ DEFAULTS = dict(
     attn_fractions="0.5,0.25,0.125",  # stepwise: each student starts from the previous one (§3)
     alpha=0.0,  # Eq. 2: alpha * CE(targets) + beta * KL(teacher || student); the paper's 1 and 0.1. Pure KL
     beta=1.0,  # is as good in perplexity (README) and its hybrids follow the teacher, and so the draft, closer
-    targets="corpus",  # corpus | teacher (pseudo-labels: the paper's sequence-level distillation)
-    pseudo_sequences=512,  # how many teacher generations to sample (once, cached) for targets=teacher
+    targets="corpus",  # the text distilled on: corpus | teacher (its own generations: sequence-level KD)
+    # generations: how many teacher sequences to sample once (cached): the draft's training text, and the
+    # students' with --targets=teacher
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
     draft_layers=1,  # the speculative-decoding draft's layers (README: 1 vs 2 on the H200)
     ablate=False,
@@ -64,10 +74,10 @@ DEFAULTS = dict(
 
 
 class Data:
-    """Random training windows from the training works; fixed, non-overlapping validation windows."""
+    """The corpus in the teacher's tokenizer: random training windows from the training works; fixed,
+    non-overlapping validation windows from the held-out plays."""
 
-    def __init__(self, device, block_size):
-        tok = mil.Tokenizer()
+    def __init__(self, device, block_size, tok):
         train, val = mil.load_works()
         self.tok, self.device, self.block_size = tok, device, block_size
         self.train = torch.from_numpy(mil.encode_works(tok, train).astype("int64"))
@@ -79,9 +89,10 @@ class Data:
         w = torch.stack([tokens[j:j + self.block_size + 1] for j in i.tolist()]).to(self.device)
         return w[:, :-1], w[:, 1:]
 
-    def val_windows(self, length, count):  # (count, length + 1), evenly spread over the held-out works
-        starts = torch.linspace(0, len(self.val) - length - 1, count).long().tolist()
-        return torch.stack([self.val[s:s + length + 1] for s in starts]).to(self.device)
+    def val_windows(self, length, count, tokens=None):  # (count, length + 1), evenly spread over `tokens`
+        tokens = self.val if tokens is None else tokens
+        starts = torch.linspace(0, len(tokens) - length - 1, count).long().tolist()
+        return torch.stack([tokens[s:s + length + 1] for s in starts]).to(self.device)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -175,27 +186,51 @@ def evaluate(model, windows, teacher=None, batch=8):
     return total / n, agree / n
 
 
-@torch.no_grad()
-def decode_speed(model, data, new_tokens=48):
-    """Greedy sample from a fixed validation prompt; returns (text, tokens/s)."""
+def greedy_sample(model, data, new_tokens=48):  # a greedy continuation of a fixed validation prompt
     prompt = data.val[1000:1016][None].to(data.device)
-    mil.generate(model, prompt, 4, temperature=0)  # warm-up
-    if data.device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.time()
-    out = mil.generate(model, prompt, new_tokens, temperature=0)
-    if data.device.type == "cuda":
-        torch.cuda.synchronize()
-    return data.tok.decode(out[0, 16:].tolist()), new_tokens / (time.time() - t0)
+    return data.tok.decode(mil.generate(model, prompt, new_tokens, temperature=0)[0, 16:].tolist())
 
 
-def results_table(rows):
-    head = "| model | attention layers | val loss | perplexity | ppl / teacher | top-1 agreement | decode tokens/s | greedy sample |"
-    lines = [head, "|" + " --- |" * 8]
-    for r in rows:
-        sample = r["sample"].replace("\n", " / ").replace("|", "/")[:60]
-        lines.append(f"| {r['name']} | {r['layers']} | {r['loss']:.4f} | {r['ppl']:.2f} | {r['ratio']:.3f} | "
-                     f"{r['agree']:.3f} | {r['tps']:.0f} | {sample} |")
+def results_table(cfg, data, teacher, students):
+    """Perplexity (and its ratio to the teacher's) and top-1 agreement with the teacher, on (a) the
+    held-out plays and (b) held-out text the teacher sampled at T = 1 from their passages, which no
+    stage trained on; then perplexity at 1x, 2x, 4x the distillation length, on the plays."""
+    L, count = cfg["block_size"], cfg["eval_windows"]
+    heldout = teacher_generations(cfg, data, teacher, "heldout", 2 * count, split="val", temperatures=(1.0,))
+    sets = [data.val_windows(L, count), data.val_windows(L, count, heldout)]
+    lines = ["| model | attention layers | plays: perplexity | / teacher | top-1 agreement | teacher's T=1 text: "
+             "perplexity | / teacher | top-1 agreement | greedy sample |", "|" + " --- |" * 9]
+    base = None
+    for name, model in [("teacher", teacher)] + students:
+        evals = [evaluate(model, w, None if model is teacher else teacher) for w in sets]
+        base = base or [loss for loss, _ in evals]
+        cells = [f"{math.exp(loss):.2f} | {math.exp(loss - b):.3f} | {1.0 if model is teacher else agree:.3f}"
+                 for (loss, agree), b in zip(evals, base)]
+        sample = greedy_sample(model, data).replace("\n", " / ").replace("|", "/")[:60]
+        lines.append(f"| {name} | {','.join(map(str, model.cfg.attn_layers)) or 'none'} | {' | '.join(cells)} | {sample} |")
+    return "\n".join(lines + ["", length_table(cfg, data, [("teacher", teacher)] + students, (1, 2, 4))])
+
+
+def length_table(cfg, data, models, mults):
+    L = cfg["block_size"]
+    lines = [f"Perplexity on the plays' windows of 1x-{mults[-1]}x the distillation length ({L} tokens):", "",
+             "| model | " + " | ".join(f"{m}x" for m in mults) + " |", "|" + " --- |" * (len(mults) + 1)]
+    for name, m in models:
+        cells = [math.exp(evaluate(m, data.val_windows(L * k, min(cfg["eval_windows"], (len(data.val) - 1) // (L * k))),
+                                   batch=max(1, 8 // k))[0]) for k in mults]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+CHAT_QUESTIONS = ("What is the capital of France?", "Give me three tips for learning a new language.",
+                  "Who wrote Hamlet, and what is it about?")
+
+
+def chat_table(teacher, students, tok):  # greedy replies, teacher and hybrids side by side
+    lines = ["| model | " + " | ".join(CHAT_QUESTIONS) + " |", "|" + " --- |" * (len(CHAT_QUESTIONS) + 1)]
+    for name, model in [("teacher", teacher)] + students:
+        replies = [mil.chat(model.eval(), tok, [{"role": "user", "content": q}], max_new_tokens=48) for q in CHAT_QUESTIONS]
+        lines.append(f"| {name} | " + " | ".join(r.replace("\n", " / ").replace("|", "/") for r in replies) + " |")
     return "\n".join(lines)
 
 
@@ -235,11 +270,14 @@ def finished(cfg, data, name, expect):
 
 
 def teacher_stage(cfg, data, mcfg):
+    """Stage 0, the toy teacher: trained on the corpus with dropout (nanoGPT's Shakespeare recipe), its
+    best validation checkpoint kept."""
     if done := finished(cfg, data, "teacher", mcfg):
         return done
     torch.manual_seed(cfg["seed"])
     model = mil.Model(mcfg).to(data.device)
-    print(f"stage 0: training the teacher, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    print(f"stage 0: training the teacher, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"dropout {mcfg.dropout}")
     windows = data.val_windows(cfg["block_size"], cfg["eval_windows"])
 
     def loss_fn(m, gen):
@@ -264,32 +302,27 @@ def student_stage(cfg, data, teacher, name, attn_layers, prev=None, init="attent
     return model
 
 
-def finetune_stage(cfg, data, teacher, student, name):
+def finetune_stage(cfg, data, teacher, student, name, pool=None):
     """Stage 2: every parameter trains, same loss (the paper's end-to-end stage)."""
     if done := finished(cfg, data, name, student.cfg):
         return done
     model = mil.Model(student.cfg).to(data.device)
     model.load_state_dict(student.state_dict())
-    train(name, model, cfg, data, cfg["ft_steps"], cfg["distill_lr"] / 3, distill_loss(model, teacher, data, cfg),
+    train(name, model, cfg, data, cfg["ft_steps"], cfg["distill_lr"] / 3, distill_loss(model, teacher, data, cfg, pool),
           trainable(model, "all"))
     return model
 
 
-def draft_stage(cfg, data, teacher):
+def draft_stage(cfg, data, teacher, pool):
     """The speculative-decoding draft, shared by every hybrid: a `draft_layers`-layer Transformer made
     of the teacher's layers, first and last kept ("shrink and fine-tune", the paper's Table 5), trained
     with KL to the teacher. At batch 1 a step costs about its number of kernels, so fewer layers is a
-    cheaper draft. It trains on the teacher's own continuations, greedy and sampled, half each: text
-    like what the hybrids decode, where the draft must agree with them (README: it is accepted more
-    often than a draft trained on the corpus)."""
+    cheaper draft. It trains on the teacher's own generations: text like what the hybrids decode,
+    where the draft must agree with them (README: accepted more often than a corpus-trained draft)."""
     n, m = teacher.cfg.n_layer, cfg["draft_layers"]
-    if not 1 <= m <= n:
-        raise SystemExit(f"--draft_layers takes 1 to {n} (the teacher's layers); got {m}")
     draft_cfg = replace(teacher.cfg, n_layer=m, attn_layers=None, dropout=0.0)
     if done := finished(cfg, data, "draft", draft_cfg):
         return done
-    pool = torch.cat([teacher_generations(cfg, data, teacher, temp, cfg["draft_sequences"], name)
-                      for temp, name in ((0.0, "draft_greedy"), (1.0, "draft_sampled"))])
     draft = mil.Model(draft_cfg).to(data.device)
     sd = {k: v for k, v in teacher.state_dict().items() if not k.startswith("layers.")}
     for i, src in enumerate([round(i * (n - 1) / (m - 1)) for i in range(m)] if m > 1 else [0]):
@@ -301,26 +334,54 @@ def draft_stage(cfg, data, teacher):
     return draft
 
 
-def teacher_generations(cfg, data, teacher, temperature, count, name):
-    """`count` teacher continuations (temperature 0: greedy) of 16-token corpus prompts, a block long,
-    sampled once and cached in out_dir/<name>.pt as one token stream, from which training windows are
-    drawn as from the corpus. With temperature 1 they are the paper's pseudo-labels."""
+REQUESTS = ("Continue this passage from a play:", "Paraphrase this passage in plain modern English:",
+            "Summarize this passage in two sentences:")  # a chat teacher's generations answer these
+
+
+def prompts(tok, windows, request):
+    """(n, l) corpus windows -> (n, p) prompts of one length: the first 16 tokens (request None), or a
+    chat request about the first 64 (l/4 if fewer), in the model's chat template."""
+    if request is None:
+        return windows[:, :16]
+    before, after = tok.chat_text([{"role": "user", "content": f"{request}\n\n\x00"}]).split("\x00")
+    ends = [torch.tensor(ids, device=windows.device).expand(len(windows), -1)
+            for ids in (tok.encode(before), tok.encode_ordinary(after))]
+    p = torch.cat([ends[0], windows[:, :min(64, windows.shape[1] // 4)], ends[1]], dim=1)
+    if p.shape[1] > windows.shape[1] * 3 // 4:  # a quarter of the block at least for the reply
+        raise SystemExit(f"--block_size={windows.shape[1]}: too short for the teacher's chat requests "
+                         f"({p.shape[1]} tokens); take at least {4 * p.shape[1] // 3 + 1}")
+    return p
+
+
+@torch.no_grad()
+def teacher_generations(cfg, data, teacher, name, count, split="train", temperatures=(0.0, 1.0)):
+    """`count` of the teacher's own sequences, sampled once and cached in out_dir/<name>.pt as one token
+    stream from which windows are drawn as from the corpus (the paper's sequence-level targets): in equal
+    shares at each temperature (0: greedy), continuations of 16-token passages of `split` a block long,
+    and, from a chat model, its replies to requests about them (REQUESTS), up to its stop token."""
     path = os.path.join(cfg["out_dir"], name + ".pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=True)
-    gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    tok, tokens = data.tok, data.train if split == "train" else data.val
+    jobs = list(itertools.product((None,) + (REQUESTS if tok.chat_template else ()), temperatures))
+    for request, _ in jobs:  # each prompt fits, checked before any work
+        prompts(tok, tokens[None, :data.block_size], request)
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1 + (split != "train"))
     dev_gen = torch.Generator(device=data.device).manual_seed(cfg["seed"] + 1)
-    batch, seqs = 512 if data.device.type == "cuda" else 64, []
-    for i in tqdm(range(0, count, batch), desc=name, leave=False):
-        prompt, _ = data.batch(min(batch, count - i), gen)
-        seqs.append(mil.generate(teacher, prompt[:, :16], cfg["block_size"] - 15, temperature, generator=dev_gen).cpu())
-    pool = torch.cat(seqs).flatten()
+    batch, seqs, each = 256 if data.device.type == "cuda" else 32, [], math.ceil(count / len(jobs))
+    with tqdm(total=each * len(jobs), desc=name, leave=False) as bar:
+        for (request, temp), i in itertools.product(jobs, range(0, each, batch)):
+            p = prompts(tok, data.batch(min(batch, each - i), gen, tokens)[0], request)
+            out = mil.generate(teacher.eval(), p, data.block_size + 1 - p.shape[1], temp, generator=dev_gen,
+                               stop=tok.stop if request else ())
+            for row in out.cpu():  # a reply ends after its first stop token, then EOT separates it
+                stops = torch.isin(row[p.shape[1]:], torch.tensor(tok.stop)).nonzero()
+                seqs.append(row if request is None else torch.cat([row[:p.shape[1] + (int(stops[0]) + 1 if len(stops)
+                                                                                      else len(row))], torch.tensor([tok.eot])]))
+            bar.update(len(out))
+    pool = torch.cat(seqs)
     mil.atomic_write(lambda f: torch.save(pool, f), path)
     return pool
-
-
-def pseudo_labels(cfg, data, teacher):  # the paper's sequence-level targets (--targets=teacher)
-    return teacher_generations(cfg, data, teacher, 1.0, cfg["pseudo_sequences"], "pseudo")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -342,8 +403,8 @@ def copy_probe_loss(model, data, gap, span=64, probes=16, seed=0):
     return F.cross_entropy(logits[:, second].flatten(0, 1).float(), x[:, second.start + 1:].flatten()).item()
 
 
-def ablations(cfg, data, teacher, students):
-    steps, n, L = cfg["ablate_steps"], cfg["n_layer"], cfg["block_size"]
+def ablations(cfg, data, teacher, students, generations):
+    steps, n, L = cfg["ablate_steps"], teacher.cfg.n_layer, cfg["block_size"]
     half, quarter = mil.kept_attention(n, 0.5), mil.kept_attention(n, 0.25)
     windows = data.val_windows(L, cfg["eval_windows"])
     ppl = lambda m: math.exp(evaluate(m, windows)[0])
@@ -375,21 +436,14 @@ def ablations(cfg, data, teacher, students):
          run("50_contiguous", tuple(range(n - len(half), n)))),
         ("50%: pure KL (the default)", base),
         ("50%: corpus targets, CE + 0.1 KL (Eq. 2)", run("50_cekl", half, alpha=1.0, beta=0.1)),
-        ("50%: teacher pseudo-labels, CE + 0.1 KL", run("50_pseudo", half, pool=pseudo_labels(cfg, data, teacher),
-                                                         alpha=1.0, beta=0.1)),
+        ("50%: teacher generations, CE + 0.1 KL", run("50_pseudo", half, pool=generations, alpha=1.0, beta=0.1)),
         ("50%: conv initialized as identity (the default)", base),
         ("50%: conv with PyTorch's default init", run("50_conv", half, conv_init="default")),
         ("50%: Mamba mixers removed, MLPs kept", removed),
     ]
     out += ["", "| variant | perplexity |", "| --- | --- |"] + [f"| {name} | {fmt(ppl(m))} |" for name, m in variants]
     models = [("teacher", teacher)] + students + [("0% (pure Mamba)", trained["0%", "attention", "mamba"])]
-    mults = (1, 2, 4, 8)
-    out += ["", "Length: perplexity on validation windows of 1x-8x the training context (" + str(L) + " tokens).", "",
-            "| model | " + " | ".join(f"{m}x" for m in mults) + " |", "|" + " --- |" * (len(mults) + 1)]
-    for name, m in models:
-        cells = [math.exp(evaluate(m, data.val_windows(L * k, min(cfg["eval_windows"], (len(data.val) - 1) // (L * k))),
-                                   batch=max(1, 8 // k))[0]) for k in mults]
-        out.append(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    out += ["", length_table(cfg, data, models, (1, 2, 4, 8))]
     gaps = sorted({0, 256, 1024, 4 * L})
     out += ["", "Recall: mean loss on a repeated 64-token span after a gap of G tokens (lower: better recall).", "",
             "| model | " + " | ".join(f"G={g}" for g in gaps) + " |", "|" + " --- |" * (len(gaps) + 1)]
@@ -399,66 +453,121 @@ def ablations(cfg, data, teacher, students):
 
 
 def resolve(argv):
-    """Options: the preset's values are the defaults; --key=value overrides them."""
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "auto")
+    """Options: the preset's values are the defaults; --key=value overrides them. Every value is checked
+    here (check() for those that need the teacher's layer count), before any work."""
+    given = lambda key, default: ([default] + [a.split("=", 1)[1] for a in argv if a.startswith(f"--{key}=")])[-1]
+    preset, teacher = given("preset", "auto"), given("teacher", "toy")  # the last one counts, as for every option
     if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() else "cpu"
+        preset = "cpu" if not torch.cuda.is_available() else "gpu" if teacher == "toy" else "smollm2"
     if preset not in PRESETS:
-        raise SystemExit(f"--preset takes {', '.join(PRESETS)} or auto; got {preset!r}")
-    cfg = mil.parse_options({**DEFAULTS, **PRESETS[preset], "preset": preset}, argv, __doc__)
+        raise SystemExit(f"--preset={preset}: takes {', '.join(PRESETS)} or auto")
+    if preset == ("smollm2" if teacher == "toy" else "gpu"):
+        raise SystemExit(f"--preset={preset}: " + ("the smollm2 preset is for a pretrained --teacher" if teacher == "toy"
+                                                   else "a pretrained --teacher takes --preset=smollm2 or cpu"))
+    cfg = mil.parse_options({**DEFAULTS, **PRESETS[preset]}, argv, __doc__)
     cfg["preset"] = preset
+    if arch := [k for k in ARCH if teacher != "toy" and any(a.startswith(f"--{k}=") for a in argv)]:
+        raise SystemExit(f"--{arch[0]}={cfg[arch[0]]}: a pretrained teacher brings its own architecture")
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg["out_dir"] = cfg["out_dir"] or os.path.join(mil.HERE, "out", preset)
-    if cfg["targets"] not in ("corpus", "teacher"):
-        raise SystemExit(f"--targets takes corpus or teacher; got {cfg['targets']!r}")
-    for key in ("draft_sequences", "pseudo_sequences"):
-        if cfg[key] < 1:
-            raise SystemExit(f"--{key} takes a positive number of teacher generations; got {cfg[key]}")
+    if cfg["device"] not in ("cpu", "cuda") or (cfg["device"] == "cuda" and not torch.cuda.is_available()):
+        raise SystemExit(f"--device={cfg['device']}: takes cpu, or cuda on a machine with a CUDA GPU (this one "
+                         f"{'has' if torch.cuda.is_available() else 'has none'}), or auto")
+    name = {"toy": preset, "smollm2": "smollm2"}.get(teacher, os.path.basename(os.path.normpath(teacher)).removesuffix(".gguf"))
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join(mil.HERE, "out", name + ("-cpu" if teacher != "toy" and preset == "cpu" else ""))
+    positive = ["block_size", "batch_size", "distill_steps", "generations", "eval_every", "eval_windows", "log_every",
+                "ckpt_every", "ablate_steps"] + (list(ARCH) + ["teacher_steps"] if teacher == "toy" else [])
+    for key in positive:
+        need(cfg, key, cfg[key] >= 1, "takes a positive integer")
+    for key in ("ft_steps", "warmup", "stop_after", "draft_layers"):
+        need(cfg, key, cfg[key] >= 0, "takes 0 or more")
+    for key in ("lr", "distill_lr", "grad_clip"):
+        need(cfg, key, cfg[key] > 0, "takes a positive number")
+    need(cfg, "dropout", 0 <= cfg["dropout"] < 1, "takes a rate in [0, 1)")
+    need(cfg, "min_lr_ratio", 0 <= cfg["min_lr_ratio"] <= 1, "takes a ratio in [0, 1]")
+    need(cfg, "weight_decay", cfg["weight_decay"] >= 0, "takes 0 or more")
+    for key in ("alpha", "beta"):
+        need(cfg, key, cfg[key] >= 0 and cfg["alpha"] + cfg["beta"] > 0, "takes 0 or more, alpha + beta > 0")
+    need(cfg, "targets", cfg["targets"] in ("corpus", "teacher"), "takes corpus or teacher")
+    if teacher == "toy":
+        need(cfg, "d_model", cfg["d_model"] % cfg["n_head"] == 0, f"takes a multiple of --n_head={cfg['n_head']}")
+        need(cfg, "n_head", cfg["n_head"] % cfg["n_kv_head"] == 0, f"takes a multiple of --n_kv_head={cfg['n_kv_head']}")
+        need(cfg, "d_model", cfg["d_model"] // cfg["n_head"] % 2 == 0, "takes d_model / n_head (head_dim) even, for RoPE")
+        check(cfg, cfg["n_layer"])
     kernels.BACKEND = cfg["scan"]
-    kernels.use_triton(torch.device(cfg["device"]))  # validates --scan and says which path runs
+    try:
+        kernels.use_triton(torch.device(cfg["device"]))  # says which path runs
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"--scan={cfg['scan']}: {e}") from None
     return cfg
 
 
-def model_config(cfg):
-    return mil.Config(n_layer=cfg["n_layer"], d_model=cfg["d_model"], n_head=cfg["n_head"],
-                      n_kv_head=cfg["n_kv_head"], block_size=cfg["block_size"])
+def need(cfg, key, ok, takes):  # a bad option: one line that names it, the value given and what it takes
+    if not ok:
+        raise SystemExit(f"--{key}={cfg[key]}: {takes}")
+
+
+def check(cfg, n_layer):
+    """The options that depend on the teacher's n_layer: attention fractions 1/2, 1/4, ... (strictly
+    decreasing, each set of at least one layer, nested by kept_attention's rule), the draft's layers."""
+    allowed = ", ".join(f"1/{2 ** k}" for k in range(1, int(math.log2(n_layer)) + 1))
+    takes = f"takes attention fractions of {n_layer} layers, strictly decreasing, comma-separated, from {allowed}"
+    try:
+        fractions = [float(f) for f in cfg["attn_fractions"].split(",")]
+        [mil.kept_attention(n_layer, f) for f in fractions]
+    except ValueError:
+        fractions = []
+    need(cfg, "attn_fractions", fractions and all(0 < f < 1 and 1 / f <= n_layer for f in fractions)
+         and all(a > b for a, b in zip(fractions, fractions[1:])), takes)
+    need(cfg, "draft_layers", cfg["draft_layers"] <= n_layer, f"takes 0 (no draft) to {n_layer}, the teacher's layers")
+    return fractions
+
+
+def load_teacher(cfg, data_device):
+    """A pretrained teacher and its tokenizer; a bad --teacher is a one-line error."""
+    try:
+        return mil.load_pretrained(cfg["teacher"], data_device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--teacher={cfg['teacher']}: {e}") from None
 
 
 def main(argv=None):
     cfg = resolve(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(cfg["seed"])
-    data = Data(torch.device(cfg["device"]), cfg["block_size"])
-    t_start = time.time()
-    print(f"preset {cfg['preset']} on {cfg['device']}; checkpoints in {cfg['out_dir']}")
-    teacher = teacher_stage(cfg, data, model_config(cfg))
-    teacher.requires_grad_(False)
-    fractions = [float(f) for f in cfg["attn_fractions"].split(",")]
-    pool = pseudo_labels(cfg, data, teacher) if cfg["targets"] == "teacher" else None
+    device, t_start = torch.device(cfg["device"]), time.time()
+    if cfg["teacher"] == "toy":
+        teacher, tok = None, mil.Tokenizer()
+    else:
+        teacher, tok = load_teacher(cfg, device)
+        need(cfg, "block_size", cfg["block_size"] <= teacher.cfg.block_size,
+             f"takes at most the teacher's context, {teacher.cfg.block_size}")
+    fractions = check(cfg, teacher.cfg.n_layer if teacher else cfg["n_layer"])
+    data = Data(device, cfg["block_size"], tok)
+    print(f"preset {cfg['preset']}, teacher {cfg['teacher']}, on {cfg['device']}; checkpoints in {cfg['out_dir']}")
+    if teacher is None:
+        teacher = teacher_stage(cfg, data, mil.Config(**{k: cfg[k] for k in ARCH}, block_size=cfg["block_size"],
+                                                      dropout=cfg["dropout"]))
+    teacher.requires_grad_(False).eval()  # its distributions are the targets: no dropout
+    generations = teacher_generations(cfg, data, teacher, "generations", cfg["generations"])
+    pool = generations if cfg["targets"] == "teacher" else None
     students, prev = [], None
     for frac in fractions:
-        name = f"attn{int(frac * 100)}"
-        prev = student_stage(cfg, data, teacher, name, mil.kept_attention(cfg["n_layer"], frac), prev, pool=pool)
+        name = f"attn{round(frac * 100)}"
+        prev = student_stage(cfg, data, teacher, name, mil.kept_attention(teacher.cfg.n_layer, frac), prev, pool=pool)
         students.append((name, prev))
         if cfg["finetune"]:
-            students.append((name + "_ft", finetune_stage(cfg, data, teacher, prev, name + "_ft")))
-    students.append(("draft", draft_stage(cfg, data, teacher)))
+            students.append((name + "_ft", finetune_stage(cfg, data, teacher, prev, name + "_ft", pool)))
+    if cfg["draft_layers"]:
+        students.append(("draft", draft_stage(cfg, data, teacher, generations)))
     print(f"pipeline trained in {time.time() - t_start:.0f}s; evaluating")
-    windows = data.val_windows(cfg["block_size"], cfg["eval_windows"])
-    rows, t_loss = [], None
-    for name, model in [("teacher", teacher)] + students:
-        loss, agree = evaluate(model, windows, None if model is teacher else teacher)
-        t_loss = loss if t_loss is None else t_loss
-        text, tps = decode_speed(model, data)
-        rows.append(dict(name=name, layers=",".join(map(str, model.cfg.attn_layers)) or "none", loss=loss,
-                         ppl=math.exp(loss), ratio=math.exp(loss - t_loss), agree=1.0 if model is teacher else agree,
-                         tps=tps, sample=text))
-    table = results_table(rows)
+    table = results_table(cfg, data, teacher, students)
+    if tok.chat_template:
+        table += "\n\nGreedy replies (up to 48 tokens):\n\n" + chat_table(teacher, students, tok)
     print(table)
     mil.atomic_write(lambda f: f.write(table.encode() + b"\n"), os.path.join(cfg["out_dir"], "results.md"))
     if cfg["ablate"]:
         print(f"ablations, {cfg['ablate_steps']} steps each")
-        table = ablations(cfg, data, teacher, students[:-1])
+        table = ablations(cfg, data, teacher, [s for s in students if s[0] != "draft"], generations)
         print(table)
         mil.atomic_write(lambda f: f.write(table.encode() + b"\n"), os.path.join(cfg["out_dir"], "ablations.md"))
     print(f"total {time.time() - t_start:.0f}s")

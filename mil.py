@@ -181,9 +181,12 @@ class Tokenizer:
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
-    def chat(self, messages, add_generation_prompt=True):
-        """[{"role": "user", "content": ...}, ...] -> token ids, through the model's chat template
-        (Jinja, rendered as Hugging Face renders it), or ChatML written out if the file has none."""
+    def chat(self, messages, add_generation_prompt=True):  # -> token ids (see chat_text)
+        return self.encode(self.chat_text(messages, add_generation_prompt))
+
+    def chat_text(self, messages, add_generation_prompt=True):
+        """[{"role": "user", "content": ...}, ...] -> the prompt's text, through the model's chat
+        template (Jinja, rendered as Hugging Face renders it), or ChatML written out if it has none."""
         if self.chat_template is None:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             text += "<|im_start|>assistant\n" if add_generation_prompt else ""
@@ -200,7 +203,7 @@ class Tokenizer:
                 eos_token=self.decode([self.eot]), raise_exception=raise_exception)
             if bos and text.startswith(bos):
                 text = text[len(bos):]  # the template writes BOS itself; encode adds it once
-        return self.encode(text)
+        return text
 
     def encode_py(self, text):
         """tiktoken's algorithm: in each pre-token, merge the adjacent pair of lowest rank until none."""
@@ -300,10 +303,15 @@ class Config:
 
 
 def kept_attention(n_layer, fraction):
-    """Evenly spaced attention layers, the last one always kept (§3: for 8 layers, 50% keeps 1, 3, 5, 7)."""
-    keep = round(n_layer * fraction)
-    step = n_layer / keep if keep else 0
-    return tuple(sorted(n_layer - 1 - int(i * step) for i in range(keep)))
+    """The attention layers a hybrid keeps (§3: interleaved, evenly spaced): for fraction 1/2^k, every
+    2^k-th layer counting back from the last, so that the sets nest and a stepwise student only loses
+    attention. 8 layers: 1, 3, 5, 7 / 3, 7 / 7; 32 layers: the paper's 1, 3, ..., 31 / 3, 7, ..., 31."""
+    if fraction == 0:
+        return ()
+    step = round(1 / fraction)
+    if step & (step - 1) or abs(step * fraction - 1) > 1e-9:
+        raise ValueError(f"attention fractions are 1, 1/2, 1/4, 1/8, ...; got {fraction}")
+    return tuple(range(n_layer - 1, -1, -step))[::-1]
 
 
 # -----------------------------------------------------------------------------------------------

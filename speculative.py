@@ -16,6 +16,7 @@ waits for the host.
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -24,10 +25,11 @@ import kernels
 import mil
 
 DEFAULTS = dict(
-    preset="auto",  # which distill.py run to load: cpu | gpu | auto
+    teacher="toy",  # whose distill.py run to load: toy | smollm2 | the .gguf file or directory it distilled
+    preset="auto",  # which distill.py run to load: cpu | gpu | smollm2 | auto
     device="auto",
     scan="auto",
-    out_dir="",  # default: out/<preset>
+    out_dir="",  # default: distill.py's for the same --teacher and --preset
     models="attn50,attn25",  # the targets to benchmark
     k="2,3,4,6",  # draft lengths
     temperature="0,1",  # 0: greedy (output identical to the target's); > 0: exact rejection sampling
@@ -35,7 +37,7 @@ DEFAULTS = dict(
     prompts=20,  # validation prompts per configuration
     prompt_tokens=64,
     max_new_tokens=0,  # 0: 128 on GPU, 24 on CPU
-    prompt="",  # decode this text instead of benchmarking
+    prompt="",  # decode this text instead of benchmarking (a chat model: as a user message, in its template)
     bench="speculative",  # speculative | context
     graphs=True,  # CUDA graphs on GPU
     seed=1337,
@@ -226,8 +228,7 @@ def benchmark(cfg, data, draft):
     dev = torch.device(cfg["device"])
     graphs = cfg["graphs"] and dev.type == "cuda"
     windows = data.val_windows(cfg["prompt_tokens"] - 1, cfg["prompts"])  # prompts from the held-out works
-    ks = [int(k) for k in cfg["k"].split(",")]
-    temps = [float(t) for t in cfg["temperature"].split(",")]
+    ks, temps = cfg["ks"], cfg["temps"]
     n_new = cfg["max_new_tokens"]
     rows = ["| model | decoding | K | plain tokens/s | speculative tokens/s | acceptance a | tokens / verification "
             "| draft cost c | predicted speedup | measured speedup |", "|" + " --- |" * 10]
@@ -283,15 +284,16 @@ def context_benchmark(cfg):
     and positions every sequence shares; not Delta's folded weights, a copy of the model's). Prefill:
     one forward of `context` tokens at batch 1."""
     dev = torch.device(cfg["device"])
-    gpu, full = dev.type == "cuda", cfg["preset"] == "gpu"  # the cpu preset: a smoke run, on any device
-    arch = {k: distill.PRESETS[cfg["preset"]][k] for k in ("n_layer", "d_model", "n_head", "n_kv_head")}
+    gpu, full = dev.type == "cuda", cfg["preset"] != "cpu"  # the cpu preset: a smoke run, on any device
+    arch = mil.Config(**{k: distill.PRESETS[cfg["preset"]][k] for k in distill.ARCH}) if cfg["teacher"] == "toy" \
+        else distill.load_teacher(cfg, "cpu")[0].cfg  # a pretrained teacher's architecture
     contexts = [512 * 2 ** i for i in range(7)] if full else [32, 64, 128]
     batches, steps = ((1, 64), 20) if full else ((1, 4), 4)
     dtype = torch.bfloat16 if gpu else torch.float32
     rows = ["| model | attention layers | batch | context | decode tokens/s | cache MiB / sequence | prefill ms (batch 1) |",
             "|" + " --- |" * 7]
     for frac in (1.0, 0.5, 0.25, 0.125, 0.0):
-        mcfg = mil.Config(**arch, attn_layers=mil.kept_attention(arch["n_layer"], frac))
+        mcfg = replace(arch, attn_layers=mil.kept_attention(arch.n_layer, frac))
         model = mil.Model(mcfg).to(dev, dtype).eval()
         name = "teacher" if frac == 1 else f"{frac:.1%} attention".replace(".0%", "%")
         for batch in batches:
@@ -335,41 +337,59 @@ def measure_context(model, batch, context, steps, dev, graphs):
         return "out of memory | - | -"
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "auto")
+def resolve(argv):
+    """Options, each checked before any work: distill.py's rules for the teacher, preset, device, scan
+    and checkpoint folder; then this script's own."""
+    shared = [a for a in argv if a.split("=", 1)[0].removeprefix("--") in ("teacher", "preset", "device", "scan", "out_dir")]
+    base = distill.resolve(shared)  # the run whose checkpoints we load
     cfg = mil.parse_options(DEFAULTS, argv, __doc__)
-    cfg["preset"] = preset if preset != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    if cfg["preset"] not in distill.PRESETS:
-        raise SystemExit(f"--preset takes {', '.join(distill.PRESETS)} or auto; got {preset!r}")
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg["out_dir"] = cfg["out_dir"] or os.path.join(mil.HERE, "out", cfg["preset"])
+    cfg.update({k: base[k] for k in ("preset", "device", "out_dir")})
+    need = lambda key, ok, takes: distill.need(cfg, key, ok, takes)
+    try:
+        ks, temps = [int(k) for k in cfg["k"].split(",")], [float(t) for t in cfg["temperature"].split(",")]
+    except ValueError:
+        ks = temps = []
+    need("k", ks and min(ks) >= 1, "takes draft lengths >= 1, comma-separated")
+    need("temperature", temps and min(temps) >= 0, "takes temperatures >= 0 (0: greedy), comma-separated")
+    for key, least in (("prompts", 1), ("prompt_tokens", 2), ("max_new_tokens", 0), ("top_k", 0)):
+        need(key, cfg[key] >= least, f"takes {least} or more")
+    need("bench", cfg["bench"] in ("speculative", "context"), "takes speculative or context")
+    if cfg["bench"] == "speculative":
+        for name in cfg["models"].split(",") + ["draft"]:
+            path = os.path.join(cfg["out_dir"], name + ".pt")
+            need("models", os.path.exists(path), f"{path} is missing: `python distill.py` with the same --teacher "
+                                                 f"and --preset makes the models and the draft")
+    cfg["ks"], cfg["temps"] = ks, temps
     cfg["max_new_tokens"] = cfg["max_new_tokens"] or (128 if cfg["device"] == "cuda" else 24)
-    kernels.BACKEND = cfg["scan"]
+    return cfg
+
+
+def main(argv=None):
+    cfg = resolve(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(cfg["seed"])
     dev = torch.device(cfg["device"])
-    kernels.use_triton(dev)  # validates --scan and says which path runs
     if cfg["bench"] == "context":
         return context_benchmark(cfg)
-    if cfg["bench"] != "speculative":
-        raise SystemExit(f"--bench takes speculative or context; got {cfg['bench']!r}")
     draft = load(cfg, "draft")
-    data = distill.Data(dev, draft.cfg.block_size)
+    tok = mil.Tokenizer() if cfg["teacher"] == "toy" else distill.load_teacher(cfg, "cpu")[1]
+    data = distill.Data(dev, draft.cfg.block_size, tok)
     if cfg["prompt"]:
-        ids = data.tok.encode(cfg["prompt"])
-        if len(ids) > draft.cfg.block_size or len(ids) < 2:
-            raise SystemExit(f"the prompt is {len(ids)} tokens; it must be 2 to {draft.cfg.block_size} (the context)")
+        chat = tok.chat_template is not None
+        ids = tok.chat([{"role": "user", "content": cfg["prompt"]}]) if chat else tok.encode(cfg["prompt"])
+        if len(ids) + cfg["max_new_tokens"] > draft.cfg.block_size or len(ids) < 2:
+            raise SystemExit(f"--prompt: {len(ids)} tokens; with --max_new_tokens={cfg['max_new_tokens']} it must fit "
+                             f"the context, {draft.cfg.block_size} (and be 2 tokens at least)")
         target = load(cfg, cfg["models"].split(",")[0])
         prompt = torch.tensor([ids], device=dev)
-        temp, k = float(cfg["temperature"].split(",")[0]), int(cfg["k"].split(",")[0])
+        temp, k = cfg["temps"][0], cfg["ks"][0]
         gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
         graphs = cfg["graphs"] and dev.type == "cuda"
         plain, pst = plain_generate(target, prompt, cfg["max_new_tokens"], temp, cfg["top_k"], gen, graphs)
         spec, st = speculative_generate(target, draft, prompt, cfg["max_new_tokens"], k, temp, cfg["top_k"], gen, graphs)
-        print(f"plain ({pst['seconds']:.2f}s):\n{data.tok.decode(plain[0].tolist())}\n")
+        shown = lambda out: tok.decode(out[0, len(ids) if chat else 0:].tolist())
+        print(f"plain ({pst['seconds']:.2f}s):\n{shown(plain)}\n")
         print(f"speculative, K={k} ({st['seconds']:.2f}s, {st['accepted']} of {st['tested']} tested drafts accepted, "
-              f"{st['rounds']} verifications):\n{data.tok.decode(spec[0].tolist())}")
+              f"{st['rounds']} verifications):\n{shown(spec)}")
         return
     print(f"speculative decoding on {cfg['device']} ({'CUDA graphs' if cfg['graphs'] and dev.type == 'cuda' else 'eager'}), "
           f"{cfg['prompts']} validation prompts of {cfg['prompt_tokens']} tokens, {cfg['max_new_tokens']} new tokens each")

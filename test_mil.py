@@ -277,7 +277,7 @@ def toy_bpe_file():
 
 
 def tiny_llama(tie):  # a random Llama whose inner dimensions hold whole quantization blocks of 32
-    cfg = mil.Config(n_layer=2, d_model=64, n_head=4, n_kv_head=2, block_size=64, rope_theta=50000.0,
+    cfg = mil.Config(n_layer=2, d_model=64, n_head=4, n_kv_head=2, block_size=128, rope_theta=50000.0,
                      norm_eps=1e-6, tie_embeddings=tie)
     model = trained_looking(mil.Model(cfg))
     with torch.no_grad():
@@ -287,7 +287,7 @@ def tiny_llama(tie):  # a random Llama whose inner dimensions hold whole quantiz
     return model.eval()
 
 
-def write_gguf(path, model, qtypes, arch="llama", tokenizer="gpt2", pre="llama-bpe"):
+def write_gguf(path, model, qtypes, arch="llama", tokenizer="gpt2", pre="llama-bpe", chat_template=None):
     """Writes `model` as llama.cpp's converter would: its names, q/k rows permuted for its RoPE,
     tensors quantized by qtypes {mil name fragment: type}. Returns the weights mil should load back
     (the quantized ones dequantized), by mil's names."""
@@ -301,6 +301,8 @@ def write_gguf(path, model, qtypes, arch="llama", tokenizer="gpt2", pre="llama-b
     w.add_tokenizer_model(tokenizer), w.add_tokenizer_pre(pre), w.add_token_list([t for t, _ in tokens])
     w.add_token_types([3 if t in special else 1 for t, _ in tokens]), w.add_token_merges([f"{a} {b}" for a, b in merges])
     w.add_eos_token_id(special[mil.EOT]), w.add_bos_token_id(special[mil.EOT]), w.add_add_bos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
     expect = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -567,10 +569,47 @@ def test_options_reject_unknown_keys_and_bad_types():
         mil.parse_options(defaults, ["--stpes=3"])
     with pytest.raises(SystemExit, match="--steps takes an integer, got 'ten'"):
         mil.parse_options(defaults, ["--steps=ten"])
-    with pytest.raises(SystemExit, match="--preset takes"):
-        distill.resolve(["--preset=tpu"])
-    with pytest.raises(SystemExit, match="--draft_sequences takes a positive number"):
-        distill.resolve(["--preset=cpu", "--draft_sequences=0"])
+
+
+BAD_OPTIONS = [  # (argv, what the one-line message must say)
+    (["--preset=tpu"], "--preset=tpu: takes cpu, gpu, smollm2 or auto"),
+    (["--d_model=65"], "--d_model=65: takes a multiple of --n_head=4"),
+    (["--n_head=5", "--d_model=60"], "--n_head=5: takes a multiple of --n_kv_head=2"),
+    (["--d_model=60", "--n_head=4", "--n_kv_head=1"], "--d_model=60: takes d_model / n_head (head_dim) even"),
+    (["--attn_fractions=0.3,abc"], "--attn_fractions=0.3,abc: takes attention fractions of 8 layers"),
+    (["--attn_fractions=1.0"], "--attn_fractions=1.0: takes attention fractions"),
+    (["--attn_fractions=0.25,0.5"], "strictly decreasing"),
+    (["--attn_fractions=0.0625"], "from 1/2, 1/4, 1/8"),
+    (["--batch_size=0"], "--batch_size=0: takes a positive integer"),
+    (["--lr=-1"], "--lr=-1.0: takes a positive number"),
+    (["--dropout=1.5"], "--dropout=1.5: takes a rate in [0, 1)"),
+    (["--draft_layers=99"], "--draft_layers=99: takes 0 (no draft) to 8"),
+    (["--targets=web"], "--targets=web: takes corpus or teacher"),
+    (["--scan=cuda"], "--scan=cuda: scan backend must be auto, triton or ref"),
+    (["--teacher=/no/such/model.gguf"], "--teacher=/no/such/model.gguf: no model at"),
+    (["--teacher=smollm2", "--n_layer=4"], "--n_layer=4: a pretrained teacher brings its own architecture"),
+] + ([] if GPU else [(["--device=cuda"], "--device=cuda: takes cpu, or cuda on a machine with a CUDA GPU")])
+
+
+@pytest.mark.parametrize("argv, message", BAD_OPTIONS)
+def test_bad_options_are_refused_in_one_line_before_any_work(tmp_path, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        distill.main(["--preset=cpu"] + argv + [f"--out_dir={out}"])
+    assert isinstance(stop.value.code, str) and message in stop.value.code and "\n" not in stop.value.code
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_bad_options_exit_nonzero_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    for script, argv in (("distill.py", ["--d_model=65"]), ("speculative.py", ["--k=0"]),
+                         ("speculative.py", [f"--out_dir={tmp_path}", "--models=attn50"])):
+        run = subprocess.run([sys.executable, os.path.join(mil.HERE, script), "--preset=cpu", *argv],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines()[-1].startswith("--"), run.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_checkpoint_with_another_config_is_refused(tmp_path):
@@ -715,7 +754,7 @@ def test_chi_square_catches_a_wrong_acceptance_rule():
 
 TINY = ["--preset=cpu", "--scan=ref", "--n_layer=2", "--d_model=32", "--n_head=2", "--n_kv_head=1", "--block_size=16",
         "--batch_size=4", "--teacher_steps=12", "--eval_every=4", "--eval_windows=4", "--ckpt_every=3", "--log_every=100",
-        "--attn_fractions=0.5", "--distill_steps=6", "--ft_steps=3", "--draft_steps=3", "--draft_sequences=8", "--warmup=2"]
+        "--attn_fractions=0.5", "--distill_steps=6", "--ft_steps=3", "--draft_steps=3", "--generations=8", "--warmup=2"]
 
 
 def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
@@ -741,7 +780,7 @@ def test_pipeline_ablations_and_benchmarks_smoke(tmp_path, capsys):
     """The whole of `python distill.py --ablate && python speculative.py` and the context benchmark,
     at toy sizes: every stage runs and every table is printed."""
     out = f"--out_dir={tmp_path}"  # and --scan=ref everywhere: the interpreter would take minutes here
-    distill.main(TINY + [out, "--ablate", "--ablate_steps=2", "--pseudo_sequences=8"])
+    distill.main(TINY + [out, "--ablate", "--ablate_steps=2"])
     for name in ("teacher", "attn50", "attn50_ft", "draft", "results.md", "ablations.md"):
         assert any(p.name.startswith(name) for p in tmp_path.iterdir()), name
     assert not any(p.name.endswith(".resume.pt") for p in tmp_path.iterdir())
@@ -754,6 +793,33 @@ def test_pipeline_ablations_and_benchmarks_smoke(tmp_path, capsys):
         speculative.main([f"--out_dir={tmp_path / 'none'}", "--preset=cpu", "--scan=ref"])
     speculative.main(spec + ["--bench=context"])
     text = capsys.readouterr().out
-    for heading in ("| model | attention layers | val loss", "attention init, frozen MLP", "Mamba mixers removed",
+    for heading in ("| model | attention layers | plays: perplexity", "attention init, frozen MLP", "Mamba mixers removed",
                     "| model | 1x | 2x", "G=0", "| model | decoding | K", "| model | attention layers | batch | context"):
+        assert heading in text, heading
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_pretrained_teacher_pipeline_and_speculative_smoke(tmp_path, capsys):
+    """`python distill.py --teacher=PATH` and `python speculative.py --teacher=PATH` on a tiny GGUF chat
+    model: no stage 0, the teacher's chat replies among the generations, the chat table, --prompt
+    through the chat template. (SmolLM2 itself takes the same path; on a CPU it takes minutes.)"""
+    torch.manual_seed(0)
+    write_gguf(tmp_path / "tiny.gguf", tiny_llama(tie=True), {"mlp.": Q.Q8_0}, chat_template=CHATML)
+    teacher, out = f"--teacher={tmp_path / 'tiny.gguf'}", f"--out_dir={tmp_path / 'run'}"
+    argv = [teacher, out, "--preset=cpu", "--scan=ref", "--block_size=96", "--batch_size=2", "--eval_every=4",
+            "--eval_windows=4", "--log_every=100", "--attn_fractions=0.5", "--distill_steps=3", "--ft_steps=2",
+            "--draft_steps=2", "--generations=8", "--warmup=1"]
+    distill.main(argv)
+    assert not any((tmp_path / "run" / f"{n}.pt").exists() for n in ("teacher",))  # no stage 0
+    pool = torch.load(tmp_path / "run" / "generations.pt", weights_only=True)
+    tok = mil.load_pretrained(str(tmp_path / "tiny.gguf"))[1]
+    assert "<|im_start|>user\nSummarize" in tok.decode(pool.tolist())  # chat requests were answered
+    spec = [teacher, out, "--preset=cpu", "--scan=ref", "--models=attn50"]
+    speculative.main(spec + ["--prompts=2", "--k=2", "--prompt_tokens=8", "--max_new_tokens=6"])
+    speculative.main(spec + ["--prompt=Who wrote Hamlet?", "--max_new_tokens=6"])
+    text = capsys.readouterr().out
+    for heading in ("teacher's T=1 text", "| model | What is the capital of France?", "| model | decoding | K", "speculative, K=2"):
         assert heading in text, heading
