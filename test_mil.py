@@ -287,11 +287,22 @@ def tiny_llama(tie):  # a random Llama whose inner dimensions hold whole quantiz
     return model.eval()
 
 
+def file_names(model, table, layer_prefix):  # {a file format's name: (mil's name, tensor)}; a tied head once
+    of, out = {v: k for k, v in table.items()}, {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        parts = name.split(".")
+        stem = ".".join(parts[2:-1]) if parts[0] == "layers" else ".".join(parts[:-1])
+        out[(f"{layer_prefix}{parts[1]}." if parts[0] == "layers" else "") + of[stem] + ".weight"] = (name, t)
+    return out
+
+
 def write_gguf(path, model, qtypes, arch="llama", tokenizer="gpt2", pre="llama-bpe", chat_template=None):
     """Writes `model` as llama.cpp's converter would: its names, q/k rows permuted for its RoPE,
     tensors quantized by qtypes {mil name fragment: type}. Returns the weights mil should load back
     (the quantized ones dequantized), by mil's names."""
-    cfg, gguf_of = model.cfg, {v: k for k, v in mil.GGUF_NAMES.items()}
+    cfg = model.cfg
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.n_layer), w.add_context_length(cfg.block_size), w.add_embedding_length(cfg.d_model)
     w.add_feed_forward_length(cfg.d_ff), w.add_head_count(cfg.n_head), w.add_head_count_kv(cfg.n_kv_head)
@@ -304,12 +315,7 @@ def write_gguf(path, model, qtypes, arch="llama", tokenizer="gpt2", pre="llama-b
     if chat_template:
         w.add_chat_template(chat_template)
     expect = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        parts = name.split(".")
-        stem = ".".join(parts[2:-1]) if parts[0] == "layers" else ".".join(parts[:-1])
-        gname = (f"blk.{parts[1]}." if parts[0] == "layers" else "") + gguf_of[stem] + ".weight"
+    for gname, (name, t) in file_names(model, mil.GGUF_NAMES, "blk.").items():
         a = t.numpy().copy()
         qtype = next((q for frag, q in qtypes.items() if frag in name), Q.F32)
         if qtype != Q.F32:
@@ -349,15 +355,9 @@ def test_gguf_file_loads_into_the_same_model(tmp_path, tie):
 def write_hf_dir(path, model, shards=2, pre=None, **config):
     """A Hugging Face Llama directory: config.json, sharded safetensors with their index, tokenizer.json."""
     from safetensors.torch import save_file
-    cfg, hf_of = model.cfg, {v: k for k, v in mil.HF_NAMES.items()}
+    cfg = model.cfg
     path.mkdir()
-    names = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        parts = name.split(".")
-        stem = ".".join(parts[2:-1]) if parts[0] == "layers" else ".".join(parts[:-1])
-        names[(f"model.layers.{parts[1]}." if parts[0] == "layers" else "") + hf_of[stem] + ".weight"] = t.contiguous()
+    names = {key: t.contiguous() for key, (_, t) in file_names(model, mil.HF_NAMES, "model.layers.").items()}
     keys, weight_map = sorted(names), {}
     for s in range(shards):
         file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
