@@ -5,6 +5,8 @@ Speculative decoding for hybrids (The Mamba in the Llama, §4, Algorithm 2).
                                                 and sampled, K in {2, 3, 4, 6}, over validation prompts
     python speculative.py --prompt="HAMLET."    decode one prompt both ways and show the text
     python speculative.py --bench=context       decode speed and cache memory as the context grows
+    python speculative.py --teacher=smollm2     the same for `python distill.py --teacher=smollm2`'s run
+                                                (--prompt then goes through the model's chat template)
 
 A small Transformer draft (out/<preset>/draft.pt, made by `python distill.py`) proposes K tokens; the
 hybrid scores all K+1 positions in one pass. Attention layers append K+1 KV entries and drop the
