@@ -22,7 +22,9 @@ from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import kernels
@@ -96,6 +98,32 @@ class Data:
 
 
 # -----------------------------------------------------------------------------------------------
+# Data parallel under torchrun: every rank draws the same global batch and trains on its own rows, so
+# that N processes train what one process trains; rank 0 writes every file
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def start_data_parallel(device):
+    if WORLD > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend)
+        if RANK == 0:
+            print(f"data-parallel over {WORLD} processes ({backend})")
+
+
+def mine(*batch):  # this rank's rows of a global batch
+    return tuple(t.chunk(WORLD)[RANK] for t in batch) if dist.is_initialized() else batch
+
+
+def barrier():  # every rank waits here for rank 0's files
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------------------------
 # One training loop for every stage: AdamW, warmup then cosine, clipping, bf16 on GPU, resumable
 
 
@@ -113,15 +141,19 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["gen"].cpu())  # the batch sampler draws on the CPU
         state = ckpt["state"]
-        print(f"{name}: resuming at step {state['step']} from {path}")
+        if RANK == 0:
+            print(f"{name}: resuming at step {state['step']} from {path}")
 
     def checkpoint():
-        mil.save_checkpoint(path, model=model.state_dict(), optimizer=opt.state_dict(), gen=gen.get_state(), state=state)
+        if RANK == 0:
+            mil.save_checkpoint(path, model=model.state_dict(), optimizer=opt.state_dict(), gen=gen.get_state(), state=state)
 
+    # DDP averages the gradients of the parameters that train (frozen ones are not synchronized)
+    ddp = DistributedDataParallel(model) if dist.is_initialized() else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if data.device.type == "cuda" else nullcontext()
     warmup, min_lr = min(cfg["warmup"], steps // 10), lr * cfg["min_lr_ratio"]
     model.train()
-    bar = tqdm(range(state["step"], steps), desc=name, initial=state["step"], total=steps, leave=False)
+    bar = tqdm(range(state["step"], steps), desc=name, initial=state["step"], total=steps, leave=False, disable=RANK > 0)
     t0, ran = time.time(), 0
     for step in bar:
         if eval_fn and step % cfg["eval_every"] == 0:
@@ -134,21 +166,27 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
         for g in opt.param_groups:
             g["lr"] = lr * (step + 1) / warmup if step < warmup else min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
         with autocast:
-            loss = loss_fn(model, gen)
+            loss = loss_fn(ddp, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
         opt.step()
         state["step"], ran = step + 1, ran + 1
+        if dist.is_initialized():  # the log holds the global batch's loss: the mean over ranks
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= WORLD
         state["log"].append(loss.item())
-        if (step + 1) % cfg["log_every"] == 0 or step + 1 == steps:
+        if ((step + 1) % cfg["log_every"] == 0 or step + 1 == steps) and RANK == 0:
             dt = (time.time() - t0) / ran
             tqdm.write(f"{name} step {step + 1}/{steps}: loss {loss.item():.4f}, {dt * 1000:.0f} ms/step, "
                        f"{cfg['batch_size'] * cfg['block_size'] / dt:,.0f} tokens/s")
         if (step + 1) % cfg["ckpt_every"] == 0 or ran == cfg["stop_after"]:
             checkpoint()
         if ran == cfg["stop_after"] and step + 1 < steps:
-            print(f"{name}: stopped after {ran} steps (--stop_after); rerun to resume")
+            if RANK == 0:
+                print(f"{name}: stopped after {ran} steps (--stop_after); rerun to resume")
+            barrier()
             sys.exit(0)
     if eval_fn:
         val = eval_fn(model)
@@ -156,12 +194,14 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
             state.update(best_val=val, best_step=steps, best_model=None)
         if state["best_model"] is not None:
             model.load_state_dict(state["best_model"])
-        print(f"{name}: best validation loss {state['best_val']:.4f} at step {state['best_step']} of {steps}"
-              + (" (still falling: raise the step count)" if state["best_step"] == steps else ""))
-    if save:
+        if RANK == 0:
+            print(f"{name}: best validation loss {state['best_val']:.4f} at step {state['best_step']} of {steps}"
+                  + (" (still falling: raise the step count)" if state["best_step"] == steps else ""))
+    if save and RANK == 0:
         mil.save_checkpoint(os.path.join(cfg["out_dir"], name + ".pt"), model=model.state_dict(), config=model.cfg.to_dict(),
                             run=cfg, log=state["log"], best_val=state["best_val"], best_step=state["best_step"])
-    if os.path.exists(path):
+    barrier()
+    if os.path.exists(path) and RANK == 0:
         os.remove(path)  # only now: the finished stage is on disk
     return state
 
@@ -244,7 +284,7 @@ def distill_loss(student, teacher, data, cfg, pool=None, alpha=None, beta=None):
     beta = cfg["beta"] if beta is None else beta
 
     def loss_fn(model, gen):
-        x, y = data.batch(cfg["batch_size"], gen, pool)
+        x, y = mine(*data.batch(cfg["batch_size"], gen, pool))
         with torch.no_grad():
             t_logits, _ = teacher(x)
         s_logits, ce = model(x, y)
@@ -281,7 +321,7 @@ def teacher_stage(cfg, data, mcfg):
     windows = data.val_windows(cfg["block_size"], cfg["eval_windows"])
 
     def loss_fn(m, gen):
-        return m(*data.batch(cfg["batch_size"], gen))[1]
+        return m(*mine(*data.batch(cfg["batch_size"], gen)))[1]
 
     train("teacher", model, cfg, data, cfg["teacher_steps"], cfg["lr"], loss_fn, list(model.parameters()),
           eval_fn=lambda m: evaluate(m, windows)[0])
@@ -360,7 +400,8 @@ def teacher_generations(cfg, data, teacher, name, count, split="train", temperat
     shares at each temperature (0: greedy), continuations of 16-token passages of `split` a block long,
     and, from a chat model, its replies to requests about them (REQUESTS), up to its stop token."""
     path = os.path.join(cfg["out_dir"], name + ".pt")
-    if os.path.exists(path):
+    if RANK > 0 or os.path.exists(path):  # rank 0 makes them, once
+        barrier()
         return torch.load(path, weights_only=True)
     tok, tokens = data.tok, data.train if split == "train" else data.val
     jobs = list(itertools.product((None,) + (REQUESTS if tok.chat_template else ()), temperatures))
@@ -381,6 +422,7 @@ def teacher_generations(cfg, data, teacher, name, count, split="train", temperat
             bar.update(len(out))
     pool = torch.cat(seqs)
     mil.atomic_write(lambda f: torch.save(pool, f), path)
+    barrier()
     return pool
 
 
@@ -479,6 +521,7 @@ def resolve(argv):
                 "ckpt_every", "ablate_steps"] + (list(ARCH) + ["teacher_steps"] if teacher == "toy" else [])
     for key in positive:
         need(cfg, key, cfg[key] >= 1, "takes a positive integer")
+    need(cfg, "batch_size", cfg["batch_size"] % WORLD == 0, f"takes a multiple of the {WORLD} processes (the global batch)")
     for key in ("ft_steps", "warmup", "stop_after", "draft_layers"):
         need(cfg, key, cfg[key] >= 0, "takes 0 or more")
     for key in ("lr", "distill_lr", "grad_clip"):
@@ -542,6 +585,7 @@ def main(argv=None):
         need(cfg, "block_size", cfg["block_size"] <= teacher.cfg.block_size,
              f"takes at most the teacher's context, {teacher.cfg.block_size}")
     fractions = check(cfg, teacher.cfg.n_layer if teacher else cfg["n_layer"])
+    start_data_parallel(device)
     data = Data(device, cfg["block_size"], tok)
     print(f"preset {cfg['preset']}, teacher {cfg['teacher']}, on {cfg['device']}; checkpoints in {cfg['out_dir']}")
     if teacher is None:
@@ -559,6 +603,10 @@ def main(argv=None):
             students.append((name + "_ft", finetune_stage(cfg, data, teacher, prev, name + "_ft", pool)))
     if cfg["draft_layers"]:
         students.append(("draft", draft_stage(cfg, data, teacher, generations)))
+    if dist.is_initialized():  # rank 0 evaluates
+        dist.destroy_process_group()
+        if RANK > 0:
+            return
     print(f"pipeline trained in {time.time() - t_start:.0f}s; evaluating")
     table = results_table(cfg, data, teacher, students)
     if tok.chat_template:

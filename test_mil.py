@@ -776,6 +776,43 @@ def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
             torch.testing.assert_close(killed["model"][k], once["model"][k], rtol=1e-5, atol=1e-6)
 
 
+def torchrun(argv, processes=2):
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                           os.path.join(mil.HERE, "distill.py"), *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_data_parallel_trains_what_one_process_trains_and_resumes(tmp_path):
+    """torchrun with 2 processes (gloo on the CPU): every rank draws the global batch and trains on its
+    half, so the loss logs and weights equal one process's with the same global batch, and a run
+    stopped by --stop_after resumes under torchrun. The cpu preset's teacher has dropout 0: masks drawn
+    per rank could not match one process's."""
+    distill.main(TINY + [f"--out_dir={tmp_path / 'one'}"])
+    run = torchrun(TINY + [f"--out_dir={tmp_path / 'two'}"])
+    assert run.returncode == 0 and "data-parallel over 2 processes (gloo)" in run.stdout, run.stderr[-2000:]
+    for attempt in range(8):  # each run stops after 5 steps of its stage; the next resumes
+        run = torchrun(TINY + [f"--out_dir={tmp_path / 'killed'}", "--stop_after=5"])
+        assert run.returncode == 0, run.stderr[-2000:]
+        if "total" in run.stdout:
+            break
+    assert attempt >= 3
+    for name in ("teacher", "attn50", "attn50_ft", "draft"):
+        one = torch.load(tmp_path / "one" / f"{name}.pt", weights_only=True)
+        for other in ("two", "killed"):
+            two = torch.load(tmp_path / other / f"{name}.pt", weights_only=True)
+            torch.testing.assert_close(torch.tensor(two["log"]), torch.tensor(one["log"]), rtol=1e-4, atol=1e-4)
+            for k in one["model"]:
+                torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit, match="--batch_size=3: takes a multiple of the 2 processes"):
+        distill.WORLD = 2
+        try:
+            distill.resolve(["--preset=cpu", "--batch_size=3"])
+        finally:
+            distill.WORLD = 1
+
+
 def test_pipeline_ablations_and_benchmarks_smoke(tmp_path, capsys):
     """The whole of `python distill.py --ablate && python speculative.py` and the context benchmark,
     at toy sizes: every stage runs and every table is printed."""
