@@ -515,8 +515,9 @@ def resolve(argv):
     if cfg["device"] not in ("cpu", "cuda") or (cfg["device"] == "cuda" and not torch.cuda.is_available()):
         raise SystemExit(f"--device={cfg['device']}: takes cpu, or cuda on a machine with a CUDA GPU (this one "
                          f"{'has' if torch.cuda.is_available() else 'has none'}), or auto")
-    name = {"toy": preset, "smollm2": "smollm2"}.get(teacher, os.path.basename(os.path.normpath(teacher)).removesuffix(".gguf"))
-    cfg["out_dir"] = cfg["out_dir"] or os.path.join(mil.HERE, "out", name + ("-cpu" if teacher != "toy" and preset == "cpu" else ""))
+    name = {"toy": preset, "smollm2": "smollm2"}.get(teacher) or os.path.basename(os.path.normpath(teacher))
+    name = name.removesuffix(".gguf") + ("-cpu" if teacher != "toy" and preset == "cpu" else "")
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join(mil.HERE, "out", name)
     positive = ["block_size", "batch_size", "distill_steps", "generations", "eval_every", "eval_windows", "log_every",
                 "ckpt_every", "ablate_steps"] + (list(ARCH) + ["teacher_steps"] if teacher == "toy" else [])
     for key in positive:

