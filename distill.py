@@ -8,6 +8,7 @@ Shakespeare, or a real pretrained one (SmolLM2-135M-Instruct, or any local GGUF 
     python distill.py --teacher=smollm2  the same from SmolLM2-135M-Instruct (no stage 0), evaluated on
                                          held-out plays and on the teacher's own held-out generations
     python distill.py --ablate           then the paper's ablations as markdown tables
+    torchrun --standalone --nproc_per_node=N distill.py ...   the same, data-parallel over N processes
 
 Finished stages are skipped on a rerun; an interrupted stage resumes from its last checkpoint.
 Checkpoints live in out/<preset>/ (out/<teacher>/ for a pretrained one). Every setting below is
