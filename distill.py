@@ -416,10 +416,12 @@ def teacher_generations(cfg, data, teacher, name, count, split="train", temperat
             p = prompts(tok, data.batch(min(batch, each - i), gen, tokens)[0], request)
             out = mil.generate(teacher.eval(), p, data.block_size + 1 - p.shape[1], temp, generator=dev_gen,
                                stop=tok.stop if request else ())
-            for row in out.cpu():  # a reply ends after its first stop token, then EOT separates it
-                stops = torch.isin(row[p.shape[1]:], torch.tensor(tok.stop)).nonzero()
-                seqs.append(row if request is None else torch.cat([row[:p.shape[1] + (int(stops[0]) + 1 if len(stops)
-                                                                                      else len(row))], torch.tensor([tok.eot])]))
+            for row in out.cpu():
+                if request is not None:  # a reply ends after its first stop token; EOT separates it from the next
+                    stops = torch.isin(row[p.shape[1]:], torch.tensor(tok.stop)).nonzero()
+                    end = p.shape[1] + int(stops[0]) + 1 if len(stops) else len(row)
+                    row = torch.cat([row[:end], torch.tensor([tok.eot])])
+                seqs.append(row)
             bar.update(len(out))
     pool = torch.cat(seqs)
     mil.atomic_write(lambda f: torch.save(pool, f), path)
@@ -568,10 +570,10 @@ def check(cfg, n_layer):
     return fractions
 
 
-def load_teacher(cfg, data_device):
+def load_teacher(cfg, device):
     """A pretrained teacher and its tokenizer; a bad --teacher is a one-line error."""
     try:
-        return mil.load_pretrained(cfg["teacher"], data_device)
+        return mil.load_pretrained(cfg["teacher"], device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--teacher={cfg['teacher']}: {e}") from None
 
@@ -594,7 +596,8 @@ def main(argv=None):
         teacher = teacher_stage(cfg, data, mil.Config(**{k: cfg[k] for k in ARCH}, block_size=cfg["block_size"],
                                                       dropout=cfg["dropout"]))
     teacher.requires_grad_(False).eval()  # its distributions are the targets: no dropout
-    generations = teacher_generations(cfg, data, teacher, "generations", cfg["generations"])
+    needed = cfg["draft_layers"] or cfg["targets"] == "teacher" or cfg["ablate"]  # the draft's, the students' text
+    generations = teacher_generations(cfg, data, teacher, "generations", cfg["generations"]) if needed else None
     pool = generations if cfg["targets"] == "teacher" else None
     students, prev = [], None
     for frac in fractions:

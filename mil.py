@@ -697,10 +697,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, generator=Non
             nxt = torch.where(stopped, out[-1][:, -1:], nxt)
             stopped |= torch.isin(nxt, stop)
         out.append(nxt)
-        if i + 1 < max_new_tokens and not (len(stop) and stopped.all()):
-            logits, _ = model(nxt, caches=caches)
-        elif i + 1 < max_new_tokens:
+        if i + 1 == max_new_tokens or (len(stop) and stopped.all()):
             break
+        logits, _ = model(nxt, caches=caches)
     return torch.cat(out, dim=1)
 
 
