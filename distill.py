@@ -49,7 +49,7 @@ DEFAULTS = dict(
     teacher="toy",  # toy (stage 0 trains it here) | smollm2 | a .gguf file | a Hugging Face Llama directory
     preset="auto",  # cpu | gpu | smollm2 | auto (cpu without CUDA; else gpu, or smollm2 for a pretrained teacher)
     device="auto",  # cpu | cuda | auto
-    scan="auto",  # selective scan: auto (Triton on GPU) | triton | ref
+    scan="auto",  # selective scan: auto (Triton on GPU) | triton | ref | mamba_ssm (the official kernels, if installed)
     out_dir="",  # default: out/<preset>, or out/<teacher name> (out/<name>-cpu on the cpu preset)
     seed=1337,
     **PRESETS["cpu"],
@@ -63,12 +63,13 @@ DEFAULTS = dict(
     attn_fractions="0.5,0.25,0.125",  # stepwise: each student starts from the previous one (§3)
     alpha=0.0,  # Eq. 2: alpha * CE(targets) + beta * KL(teacher || student); the paper's 1 and 0.1. Pure KL
     beta=1.0,  # is as good in perplexity (README) and its hybrids follow the teacher, and so the draft, closer
-    targets="corpus",  # the text distilled on: corpus | teacher (its own generations: sequence-level KD)
+    targets="corpus",  # the text distilled on: corpus | teacher (its own generations: sequence-level KD) | mix (half each)
     # generations: how many teacher sequences to sample once (cached): the draft's training text, and the
     # students' with --targets=teacher
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
     draft_layers=1,  # the speculative-decoding draft's layers (README: 1 vs 2 on the H200)
     ablate=False,
+    bench="",  # train: time a stage-1 step of the 50% hybrid with each scan backend that runs here, and exit
 )
 
 
@@ -86,10 +87,16 @@ class Data:
         self.train = torch.from_numpy(mil.encode_works(tok, train).astype("int64"))
         self.val = torch.from_numpy(mil.encode_works(tok, val).astype("int64"))
 
-    def batch(self, batch_size, gen, tokens=None):  # (b, l) inputs and next-token targets
-        tokens = self.train if tokens is None else tokens
-        i = torch.randint(len(tokens) - self.block_size - 1, (batch_size,), generator=gen)
-        w = torch.stack([tokens[j:j + self.block_size + 1] for j in i.tolist()]).to(self.device)
+    def batch(self, batch_size, gen, tokens=None):
+        """(b, l) inputs and next-token targets, windows of `tokens` (default: the training works), or of
+        each stream of a list of them in equal shares."""
+        streams = tokens if isinstance(tokens, list) else [self.train if tokens is None else tokens]
+        windows = []
+        for k, s in enumerate(streams):
+            i = torch.randint(len(s) - self.block_size - 1, (batch_size // len(streams) + (k < batch_size % len(streams)),),
+                              generator=gen)
+            windows += [s[j:j + self.block_size + 1] for j in i.tolist()]
+        w = torch.stack(windows).to(self.device)
         return w[:, :-1], w[:, 1:]
 
     def val_windows(self, length, count, tokens=None):  # (count, length + 1), evenly spread over `tokens`
@@ -535,7 +542,8 @@ def resolve(argv):
     need(cfg, "weight_decay", cfg["weight_decay"] >= 0, "takes 0 or more")
     for key in ("alpha", "beta"):
         need(cfg, key, cfg[key] >= 0 and cfg["alpha"] + cfg["beta"] > 0, "takes 0 or more, alpha + beta > 0")
-    need(cfg, "targets", cfg["targets"] in ("corpus", "teacher"), "takes corpus or teacher")
+    need(cfg, "targets", cfg["targets"] in ("corpus", "teacher", "mix"), "takes corpus, teacher or mix")
+    need(cfg, "bench", cfg["bench"] in ("", "train"), "takes train (or nothing: the pipeline)")
     if teacher == "toy":
         need(cfg, "d_model", cfg["d_model"] % cfg["n_head"] == 0, f"takes a multiple of --n_head={cfg['n_head']}")
         need(cfg, "n_head", cfg["n_head"] % cfg["n_kv_head"] == 0, f"takes a multiple of --n_kv_head={cfg['n_kv_head']}")
@@ -578,6 +586,56 @@ def load_teacher(cfg, device):
         raise SystemExit(f"--teacher={cfg['teacher']}: {e}") from None
 
 
+def bench_train(cfg, data, teacher):
+    """--bench=train: a stage-1 step (the teacher's forward, the 50% hybrid's forward and backward, the
+    KL) with each scan backend that runs here, timed in interleaved rounds on the same batches (random
+    Mamba weights: speed depends only on the shapes); on a GPU, the scan kernels' share of the step."""
+    teacher.requires_grad_(False).eval()
+    student = mil.hybrid_from_teacher(teacher, mil.kept_attention(teacher.cfg.n_layer, 0.5))
+    loss_fn, params = distill_loss(student, teacher, data, cfg), trainable(student, "mamba")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if data.device.type == "cuda" else nullcontext()
+    backends = ["triton"] * (data.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") + ["ref"]
+    try:
+        kernels.official(data.device)
+        backends.append("mamba_ssm")
+    except RuntimeError as e:
+        print(f"mamba_ssm: not timed ({e})")
+
+    def step():
+        with autocast:
+            loss = loss_fn(student, gen)
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    times = {b: [] for b in backends}
+    for _ in range(3):
+        for backend in backends:
+            kernels.BACKEND, gen = backend, torch.Generator().manual_seed(cfg["seed"])
+            step()  # compiles, warms up
+            t0 = time.perf_counter()
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize() if data.device.type == "cuda" else None
+            times[backend].append((time.perf_counter() - t0) / 3)
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    ref = "mamba_ssm" if "mamba_ssm" in times else backends[0]
+    base = min(times[ref])
+    print(f"\n| scan | ms / step | tokens/s | / {ref} | scan kernels' share |")
+    print("| --- | --- | --- | --- | --- |")
+    for backend, ts in times.items():
+        kernels.BACKEND, share = backend, "-"
+        if data.device.type == "cuda":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            total = sum(e.self_device_time_total for e in prof.key_averages())
+            share = f"{sum(e.self_device_time_total for e in prof.key_averages() if 'scan' in e.key) / total:.0%}"
+        t = min(ts)
+        print(f"| {backend} | {t * 1e3:.1f} | {tokens / t:,.0f} | {t / base:.3f}x | {share} |")
+    kernels.BACKEND = cfg["scan"]
+
+
 def main(argv=None):
     cfg = resolve(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(cfg["seed"])
@@ -591,14 +649,17 @@ def main(argv=None):
     fractions = check(cfg, teacher.cfg.n_layer if teacher else cfg["n_layer"])
     start_data_parallel(device)
     data = Data(device, cfg["block_size"], tok)
+    if cfg["bench"]:  # random weights for the toy teacher: speed depends only on the shapes
+        return bench_train(cfg, data, teacher or mil.Model(mil.Config(**{k: cfg[k] for k in ARCH},
+                                                                      block_size=cfg["block_size"])).to(device))
     print(f"preset {cfg['preset']}, teacher {cfg['teacher']}, on {cfg['device']}; checkpoints in {cfg['out_dir']}")
     if teacher is None:
         teacher = teacher_stage(cfg, data, mil.Config(**{k: cfg[k] for k in ARCH}, block_size=cfg["block_size"],
                                                       dropout=cfg["dropout"]))
     teacher.requires_grad_(False).eval()  # its distributions are the targets: no dropout
-    needed = cfg["draft_layers"] or cfg["targets"] == "teacher" or cfg["ablate"]  # the draft's, the students' text
+    needed = cfg["draft_layers"] or cfg["targets"] != "corpus" or cfg["ablate"]  # the draft's, the students' text
     generations = teacher_generations(cfg, data, teacher, "generations", cfg["generations"]) if needed else None
-    pool = generations if cfg["targets"] == "teacher" else None
+    pool = {"corpus": None, "teacher": generations, "mix": [data.train, generations]}[cfg["targets"]]
     students, prev = [], None
     for frac in fractions:
         name = f"attn{round(frac * 100)}"

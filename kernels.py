@@ -7,8 +7,11 @@ The selective scan of Mamba-1, as a readable reference and as Triton kernels.
 Layouts are mamba_ssm's `selective_scan_fn` / `selective_state_update`, so either can be swapped in:
   u, delta, z (b, di, l); A (di, n); B, C (b, g, n, l), channel d uses group d // (di // g);
   D, delta_bias (di,); states (b, di, n) in float32.
-Each fast function has a `_ref` twin with the same signature; `scan` and `step` pick one through
-BACKEND (auto | triton | ref) and say once which path runs. `python kernels.py` benchmarks them.
+A Mamba layer's decoding is fused further: `mamba_step` and `mamba_verify` start from its one input
+projection and do the conv too. Each fast function has a `_ref` twin with the same signature; `scan`,
+`step`, `verify` and `add_norm` pick one through BACKEND (auto | triton | ref | mamba_ssm: the official
+kernels, imported when installed) and say once which path runs. `python kernels.py` benchmarks them,
+side by side with mamba_ssm's when it imports.
 """
 import math
 import os
@@ -17,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 
 try:
     import triton
@@ -102,6 +105,53 @@ def selective_state_verify_ref(state, x_prev, dt_prev, B_prev, replay, x, dt, A,
                      for t in range(x.shape[-1])], dim=-1)
     x_prev[..., :x.shape[-1]], dt_prev[..., :x.shape[-1]] = x, dt
     return y
+
+
+# A Mamba layer's decoding, from its one input projection xBCzdt (b, g p + g n + h n + 2 di) per token:
+# x and B per KV head (g of them), C per head, z and Delta per channel (di = h p; head i reads KV head
+# i // (h / g), as GQA pairs them). mil.py derives that projection's weight once per caches.
+
+
+def _fields(xBCzdt, heads, n, di):  # -> x (.., di) repeated over each KV head's heads, B (.., g, n), C (.., h, n), z, dt
+    p = di // heads
+    g = (xBCzdt.shape[-1] - heads * n - 2 * di) // (p + n)
+    x, B, C, z, dt = xBCzdt.split([g * p, g * n, heads * n, di, di], dim=-1)
+    x = repeat(x, "... (g p) -> ... (g r p)", r=heads // g, p=p)
+    return x, B.unflatten(-1, (g, n)), C.unflatten(-1, (heads, n)), z, dt
+
+
+def mamba_step_ref(state, conv, xBCzdt, conv_weight, conv_bias, A, D, dt_bias, heads, update=None):
+    """One decode step: the causal conv over the cached last k inputs conv (b, di, k) (shifted in
+    place) and the new x, SiLU, then `selective_state_update_ref` on state (b, di, n), or `update` (e.g.
+    mamba_ssm's). conv_weight (di, k + 1), conv_bias, A (di, n), D, dt_bias: float32. Returns y (b, di)."""
+    x, B, C, z, dt = _fields(xBCzdt, heads, state.shape[2], state.shape[1])
+    window = torch.cat([conv, x[..., None]], dim=-1)  # (b, di, k + 1)
+    conv.copy_(window[..., 1:])
+    x = F.silu((window.float() * conv_weight).sum(-1) + conv_bias).to(x.dtype)
+    B = B.repeat_interleave(heads // B.shape[1], dim=1)  # (b, h, n), as C
+    return (update or selective_state_update_ref)(state, x, dt, A, B, C, D, z, dt_bias, True)
+
+
+def mamba_verify_ref(state, conv, conv_window, x_prev, dt_prev, B_prev, replay, xBCzdt, conv_weight, conv_bias,
+                     A, D, dt_bias, heads):
+    """Algorithm 2's verification of l tokens xBCzdt (b, l, ..): their raw x after the cached k go to
+    conv_window (b, di, k + l..), from which accepting m tokens keeps the k before token m; the conv,
+    SiLU, then `selective_state_verify_ref`, with B_prev (b, g, n, w) per KV head, which is updated
+    here too. Returns y (b, l, di)."""
+    (b, di, n), l, k = state.shape, xBCzdt.shape[1], conv.shape[-1]
+    x, B, C, z, dt = (rearrange(t, "b l ... -> b ... l") for t in _fields(xBCzdt, heads, n, di))
+    conv_window[..., :k + l] = torch.cat([conv, x], dim=-1)
+    x = F.silu(F.conv1d(conv_window[..., :k + l].float(), conv_weight[:, None], conv_bias, groups=di)).to(x.dtype)
+    y = selective_state_verify_ref(state, x_prev, dt_prev, B_prev, replay, x, dt, A,
+                                   B.repeat_interleave(heads // B.shape[1], dim=1), C, D, z, dt_bias, True)
+    B_prev[..., :l] = B
+    return y.transpose(1, 2)
+
+
+def add_rms_norm_ref(x, r, weight, eps):
+    """The residual add and the RMSNorm after it: (x + r, RMSNorm(x + r)), x, r (.., d)."""
+    s = x + r
+    return s, F.rms_norm(s, (s.shape[-1],), weight, eps)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -357,46 +407,107 @@ def _step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bi
 
 
 @triton.jit
-def _verify_kernel(state_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr,
-                   bias_ptr, out_ptr, L, DI, N, REP,
-                   s_pb, s_pd, s_pw, s_Pb, s_Pg, s_Pn, s_Pw, s_xb, s_xd, s_xl, s_tb, s_td, s_tl, s_zb, s_zd, s_zl,
-                   s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_ob, s_od, s_ol,
-                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Algorithm 2's MultiStep: load the committed state, replay the accepted prefix of the last
-    verified tokens (no outputs), store it as the new committed state, then step through the new
-    tokens emitting outputs and writing no state, only their x and Delta over the replayed ones (a
-    program's own channels: no other program reads them)."""
-    b, d, n, mn, g, sp, h, A2 = _decode_tile(state_ptr, A_ptr, DI, N, REP, BLOCK_D, BLOCK_N)
-    bias = tl.load(bias_ptr + d) if HAS_BIAS else 0.0
-    Dv = tl.load(D_ptr + d) if HAS_D else 0.0
+def _layer_tile(state_ptr, A_ptr, p_ptr, DI, N, P, REP, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_decode_tile for a Mamba layer's fused decoding (groups of P channels: heads), and the offsets
+    of the program's fields in a row of the projection xBCzdt (see `_fields`)."""
+    b, d, n, mn, head, sp, h, A2 = _decode_tile(state_ptr, A_ptr, DI, N, P, BLOCK_D, BLOCK_N)
+    kv, G, H = head // REP, DI // P // REP, DI // P  # this head's KV head; the numbers of KV heads, heads
+    offs = (kv * P + d % P, G * P + kv * N + n, G * (P + N) + head * N + n, G * (P + N) + H * N + d,
+            G * (P + N) + H * N + DI + d)  # x, B, C, z, Delta
+    return b, d, n, mn, kv, G, sp, h, A2, offs
+
+
+@triton.jit
+def _conv_silu(win_ptr, cw_ptr, cb_ptr, d, K: tl.constexpr, dtype):  # SiLU of the causal conv over K + 1 inputs
+    x = tl.load(cb_ptr + d)
+    for i in tl.static_range(K + 1):
+        x += tl.load(cw_ptr + d * (K + 1) + i) * tl.load(win_ptr + i).to(tl.float32)
+    return (x * tl.sigmoid(x)).to(dtype).to(tl.float32)  # rounded as stored, so that a replay sees the same x
+
+
+@triton.jit
+def _mamba_step_kernel(state_ptr, conv_ptr, p_ptr, cw_ptr, cb_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, DI, N, P, REP,
+                       s_pb, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A Mamba layer's decode step after its input projection: x and B read in place from their KV
+    head's rows (no repeated copies); the conv window (b, di, K) shifted in place; conv, SiLU,
+    softplus(Delta + bias), the state update, C . h + D x, the gate; y (b, di) for o_proj."""
+    b, d, n, mn, kv, G, sp, h, A2, (ox, oB, oC, oz, odt) = _layer_tile(state_ptr, A_ptr, p_ptr, DI, N, P, REP,
+                                                                       BLOCK_D, BLOCK_N)
+    row, win = p_ptr + b * s_pb, conv_ptr + (b * DI + d) * K
+    x_raw = tl.load(row + ox).to(conv_ptr.dtype.element_ty)
+    x = tl.load(cb_ptr + d)
+    for i in tl.static_range(K):  # the conv over the window, in _conv_silu's order, shifted as it is read
+        w = tl.load(win + i)
+        x += tl.load(cw_ptr + d * (K + 1) + i) * w.to(tl.float32)
+        if i > 0:
+            tl.store(win + i - 1, w)
+    if K > 0:
+        tl.store(win + K - 1, x_raw)
+    x += tl.load(cw_ptr + d * (K + 1) + K) * x_raw.to(tl.float32)
+    x = (x * tl.sigmoid(x)).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded as _conv_silu rounds it
+    dt = _softplus(tl.load(row + odt).to(tl.float32) + tl.load(bias_ptr + d))
+    Bt = tl.load(row + oB, mask=mn, other=0.0).to(tl.float32)
+    Ct = tl.load(row + oC, mask=mn, other=0.0).to(tl.float32)
+    h = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
+    tl.store(sp, h, mask=mn[:, None])
+    z = tl.load(row + oz).to(tl.float32)
+    y = (tl.sum(h * Ct[:, None], axis=0) + tl.load(D_ptr + d) * x) * z * tl.sigmoid(z)
+    tl.store(out_ptr + b * DI + d, y.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _mamba_verify_kernel(state_ptr, conv_ptr, win_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, p_ptr, cw_ptr, cb_ptr,
+                         A_ptr, D_ptr, bias_ptr, out_ptr, L, W, DI, N, P, REP, s_pb, s_pl,
+                         K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Algorithm 2's MultiStep for a Mamba layer after its input projection: load the committed state,
+    replay the accepted prefix of the last verified tokens (no outputs), store it as the new committed
+    state; then the new tokens: their raw x after the cached window into the conv window, conv, SiLU,
+    outputs (b, l, di), writing no state, only their x and Delta over the replayed ones (a program's
+    own channels: no other program reads them)."""
+    b, d, n, mn, kv, G, sp, h, A2, (ox, oB, oC, oz, odt) = _layer_tile(state_ptr, A_ptr, p_ptr, DI, N, P, REP,
+                                                                       BLOCK_D, BLOCK_N)
+    bias, Dv = tl.load(bias_ptr + d), tl.load(D_ptr + d)
+    prev, win = (b * DI + d) * W, win_ptr + (b * DI + d) * (K + W)  # this row's channels in x_prev, the window
     # stage 1: replay the accepted tokens of the previous verification (this row's count of them)
     for i in range(tl.load(replay_ptr + b)):
-        x = tl.load(xp_ptr + b * s_pb + d * s_pd + i * s_pw).to(tl.float32)
-        dt = tl.load(tp_ptr + b * s_pb + d * s_pd + i * s_pw).to(tl.float32) + bias
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        Bt = tl.load(Bp_ptr + b * s_Pb + g * s_Pg + n * s_Pn + i * s_Pw, mask=mn, other=0.0).to(tl.float32)
+        x = tl.load(xp_ptr + prev + i).to(tl.float32)
+        dt = _softplus(tl.load(tp_ptr + prev + i).to(tl.float32) + bias)
+        Bt = tl.load(Bp_ptr + ((b * G + kv) * N + n) * W + i, mask=mn, other=0.0).to(tl.float32)
         h = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
     tl.store(sp, h, mask=mn[:, None])
-    tl.debug_barrier()  # every replayed input is read before stage 2 overwrites it
-    # stage 2: the new tokens, outputs only
+    # stage 2: the conv window: the cached K inputs, then the new tokens' raw x
+    for i in tl.static_range(K):
+        tl.store(win + i, tl.load(conv_ptr + (b * DI + d) * K + i))
     for t in range(L):
-        x = tl.load(x_ptr + b * s_xb + d * s_xd + t * s_xl)
-        dt = tl.load(dt_ptr + b * s_tb + d * s_td + t * s_tl)
-        tl.store(xp_ptr + b * s_pb + d * s_pd + t * s_pw, x.to(xp_ptr.dtype.element_ty))
-        tl.store(tp_ptr + b * s_pb + d * s_pd + t * s_pw, dt.to(tp_ptr.dtype.element_ty))
-        x, dt = x.to(tl.float32), dt.to(tl.float32) + bias
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + n * s_Bn + t * s_Bl, mask=mn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + b * s_Cb + g * s_Cg + n * s_Cn + t * s_Cl, mask=mn, other=0.0).to(tl.float32)
+        tl.store(win + K + t, tl.load(p_ptr + b * s_pb + t * s_pl + ox).to(win_ptr.dtype.element_ty))
+    tl.debug_barrier()  # every replayed input and window entry is in place before stage 3 reads and overwrites
+    # stage 3: the new tokens, outputs only
+    for t in range(L):
+        row = p_ptr + b * s_pb + t * s_pl
+        x = _conv_silu(win + t, cw_ptr, cb_ptr, d, K, out_ptr.dtype.element_ty)
+        dt_raw = tl.load(row + odt)
+        tl.store(xp_ptr + prev + t, x.to(xp_ptr.dtype.element_ty))
+        tl.store(tp_ptr + prev + t, dt_raw.to(tp_ptr.dtype.element_ty))
+        dt = _softplus(dt_raw.to(tl.float32) + bias)
+        Bt = tl.load(row + oB, mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(row + oC, mask=mn, other=0.0).to(tl.float32)
         h = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
-        y = tl.sum(h * Ct[:, None], axis=0) + Dv * x
-        if HAS_Z:
-            z = tl.load(z_ptr + b * s_zb + d * s_zd + t * s_zl).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + b * s_ob + d * s_od + t * s_ol, y.to(out_ptr.dtype.element_ty))
+        z = tl.load(row + oz).to(tl.float32)
+        y = (tl.sum(h * Ct[:, None], axis=0) + Dv * x) * z * tl.sigmoid(z)
+        tl.store(out_ptr + (b * L + t) * DI + d, y.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, D, eps, BLOCK: tl.constexpr):
+    """One row: s = x + r (stored in x's dtype), y = s / sqrt(mean(s^2) + eps) * weight."""
+    row, i = tl.program_id(0).to(tl.int64), tl.arange(0, BLOCK)
+    m = i < D
+    s = (tl.load(x_ptr + row * D + i, mask=m, other=0.0).to(tl.float32) +
+         tl.load(r_ptr + row * D + i, mask=m, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+    tl.store(s_ptr + row * D + i, s, mask=m)
+    s = s.to(tl.float32)
+    y = s * tl.rsqrt(tl.sum(s * s, axis=0) / D + eps) * tl.load(w_ptr + i, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * D + i, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -594,23 +705,49 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return out
 
 
-def selective_state_verify(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D=None, z=None, dt_bias=None,
-                           dt_softplus=False):
-    """Triton MultiStep verification; the contract of `selective_state_verify_ref`."""
-    (b, di, L), (n, g) = x.shape, (A.shape[1], B.shape[1])
-    assert state.shape == (b, di, n) and state.dtype == torch.float32 and state.is_contiguous()
-    assert dt_prev.stride() == x_prev.stride() and replay.shape == (b,) and x_prev.shape[-1] >= L
-    block_d, block_n = _decode_blocks(b, di, g, n)
-    out = _alloc(b, L, di, like=x).transpose(1, 2)  # (b, di, l) laid out as (b, l, di), as o_proj reads it
-    zz = z if z is not None else x
-    A = A.float().contiguous()
-    _verify_kernel[(b, di // block_d)](
-        state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D.float() if D is not None else A, zz,
-        dt_bias.float() if dt_bias is not None else A, out, L, di, n, di // g, *x_prev.stride(), *B_prev.stride(),
-        *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *out.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=WARPS)
+def _layer_checks(state, conv, xBCzdt, heads, *constants):
+    (b, di, n), p = state.shape, state.shape[1] // heads
+    g = (xBCzdt.shape[-1] - heads * n - 2 * di) // (p + n)
+    assert state.dtype == torch.float32 and state.is_contiguous(), "state must be a contiguous float32 (b, di, n) tensor"
+    assert xBCzdt.shape[-1] == g * (p + n) + heads * n + 2 * di and heads % g == 0 and xBCzdt.stride(-1) == 1, \
+        f"xBCzdt must be (.., g p + g n + h n + 2 di) with {heads} heads; got {tuple(xBCzdt.shape)}"
+    assert conv.is_contiguous() and all(c.dtype == torch.float32 and c.is_contiguous() for c in constants), \
+        "the conv window contiguous; conv weight and bias, A, D, Delta's bias float32 and contiguous"
+    return b, di, n, p, g, _decode_blocks(b, di, heads, n)
+
+
+def mamba_step(state, conv, xBCzdt, conv_weight, conv_bias, A, D, dt_bias, heads):
+    """Triton fused decode step; the contract of `mamba_step_ref`."""
+    b, di, n, p, g, (block_d, block_n) = _layer_checks(state, conv, xBCzdt, heads, conv_weight, conv_bias, A, D, dt_bias)
+    out = _alloc(b, di, like=xBCzdt)
+    _mamba_step_kernel[(b, di // block_d)](state, conv, xBCzdt, conv_weight, conv_bias, A, D, dt_bias, out, di, n, p,
+                                           heads // g, xBCzdt.stride(0), K=conv.shape[-1], BLOCK_D=block_d,
+                                           BLOCK_N=block_n, num_warps=WARPS)
     return out
+
+
+def mamba_verify(state, conv, conv_window, x_prev, dt_prev, B_prev, replay, xBCzdt, conv_weight, conv_bias, A, D,
+                 dt_bias, heads):
+    """Triton fused MultiStep verification; the contract of `mamba_verify_ref`."""
+    b, di, n, p, g, (block_d, block_n) = _layer_checks(state, conv, xBCzdt, heads, conv_weight, conv_bias, A, D, dt_bias)
+    l, w = xBCzdt.shape[1], x_prev.shape[-1]
+    assert all(t.is_contiguous() for t in (conv_window, x_prev, dt_prev, B_prev)) and replay.shape == (b,) and w >= l
+    out = _alloc(b, l, di, like=xBCzdt)
+    _mamba_verify_kernel[(b, di // block_d)](
+        state, conv, conv_window, x_prev, dt_prev, B_prev, replay, xBCzdt, conv_weight, conv_bias, A, D, dt_bias, out,
+        l, w, di, n, p, heads // g, xBCzdt.stride(0), xBCzdt.stride(1), K=conv.shape[-1], BLOCK_D=block_d,
+        BLOCK_N=block_n, num_warps=WARPS)
+    B_prev[..., :l] = rearrange(_fields(xBCzdt, heads, n, di)[1], "b l g n -> b g n l")  # after the kernel's replay
+    return out
+
+
+def add_rms_norm(x, r, weight, eps):
+    """Triton residual add and RMSNorm in one kernel; the contract of `add_rms_norm_ref`."""
+    assert x.shape == r.shape and x.is_contiguous() and r.is_contiguous() and weight.shape == x.shape[-1:]
+    s, y = _alloc_like(x), _alloc_like(x)
+    _add_rms_norm_kernel[(x.numel() // x.shape[-1],)](x, r, weight, s, y, x.shape[-1], eps,
+                                                     BLOCK=triton.next_power_of_2(x.shape[-1]))
+    return s, y
 
 
 # -----------------------------------------------------------------------------------------------
@@ -619,147 +756,240 @@ def selective_state_verify(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, 
 _said = set()
 
 
-def use_triton(device):
-    if BACKEND not in ("auto", "triton", "ref"):
-        raise ValueError(f"scan backend must be auto, triton or ref; got {BACKEND!r}")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    can = HAVE_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreted))
-    if BACKEND == "triton" and not can:
-        raise RuntimeError("--scan=triton needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
-    fast = can and BACKEND != "ref"
-    why = ("" if fast else " (asked for)" if BACKEND == "ref" else " (no Triton)" if not HAVE_TRITON else
-           f" (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1; this is {device.type})")
-    msg = f"using Triton selective scan{' (interpreter)' if interpreted else ''}" if fast else \
-        f"falling back to the reference selective scan{why}"
+def say_once(msg):
     if msg not in _said:
         _said.add(msg)
         print(msg, file=sys.stderr)
+
+
+def use_triton(device):
+    if BACKEND not in ("auto", "triton", "ref", "mamba_ssm"):
+        raise ValueError(f"scan backend must be auto, triton, ref or mamba_ssm; got {BACKEND!r}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    can = HAVE_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreted))
+    if BACKEND == "triton" and not can:
+        raise RuntimeError("the triton backend needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
+    if BACKEND == "mamba_ssm":
+        official(device)
+        say_once("using mamba_ssm's CUDA scan and its Triton decode step (after the conv and SiLU in PyTorch); "
+                 "mil's Triton kernels where it has none: a scan from a cached state, the verification, add + RMSNorm")
+        return True
+    fast = can and BACKEND != "ref"
+    why = ("" if fast else " (asked for)" if BACKEND == "ref" else " (no Triton)" if not HAVE_TRITON else
+           f" (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1; this is {device.type})")
+    say_once(f"using Triton selective scan{' (interpreter)' if interpreted else ''}" if fast else
+             f"falling back to the reference selective scan{why}")
     return fast
 
 
-def scan(u, delta, A, B, C, **kw):
-    return (selective_scan if use_triton(u.device) else selective_scan_ref)(u, delta, A, B, C, **kw)
+def official(device):
+    """mamba_ssm's kernels, imported (nothing of them is copied here): its CUDA selective scan and its
+    Triton decode step. With mamba_ssm installed, or built from ../shared/official-kernels (its README)."""
+    try:
+        import selective_scan_cuda
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as official_step
+    except ImportError as e:
+        raise RuntimeError(f"the mamba_ssm backend needs mamba_ssm's selective_scan_cuda ({e})") from None
+    if device.type != "cuda":
+        raise RuntimeError(f"the mamba_ssm backend runs on CUDA; this is {device.type}")
+    return selective_scan_cuda, official_step
 
 
-def step(state, x, dt, A, B, C, **kw):
-    return (selective_state_update if use_triton(x.device) else selective_state_update_ref)(state, x, dt, A, B, C, **kw)
+class OfficialScanFn(torch.autograd.Function):
+    """mamba_ssm's CUDA scan, called as its selective_scan_interface does (inputs contiguous in time)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        cuda = official(u.device)[0]
+        u, delta, B, C, z = _flat(u, delta, B, C, z)
+        A, D, delta_bias = _floats(A, D, delta_bias)
+        out, x, *rest = cuda.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out)
+        ctx.delta_softplus = delta_softplus
+        last = x[:, :, -1, 1::2].contiguous()  # the last state (b, di, n): x holds (a, h) pairs per chunk
+        ctx.mark_non_differentiable(last)
+        return rest[0] if z is not None else out, last
+
+    @staticmethod
+    def backward(ctx, dout, _dlast):
+        u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = official(u.device)[0].bwd(
+            u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), x, out, None, ctx.delta_softplus, False)
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, rest[0] if z is not None else None,
+                ddelta_bias if delta_bias is not None else None, None)
 
 
-def verify(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D=None, z=None, delta_bias=None,
-           delta_softplus=False):
-    fn = selective_state_verify if use_triton(x.device) else selective_state_verify_ref
-    return fn(state, x_prev, dt_prev, B_prev, replay, x, dt, A, B, C, D=D, z=z, dt_bias=delta_bias,
-              dt_softplus=delta_softplus)
+def official_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    out, last = OfficialScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last) if return_last_state else out
+
+
+def scan(u, delta, A, B, C, initial_state=None, **kw):
+    if BACKEND == "mamba_ssm" and initial_state is None:
+        return official_scan(u, delta, A, B, C, **kw)
+    fn = selective_scan if use_triton(u.device) else selective_scan_ref
+    return fn(u, delta, A, B, C, initial_state=initial_state, **kw)
+
+
+def step(*args):
+    if BACKEND == "mamba_ssm":
+        return mamba_step_ref(*args, update=official(args[0].device)[1])
+    return (mamba_step if use_triton(args[0].device) else mamba_step_ref)(*args)
+
+
+def verify(*args):
+    return (mamba_verify if use_triton(args[0].device) else mamba_verify_ref)(*args)
+
+
+def add_norm(x, r, norm):  # norm: an nn.RMSNorm
+    return (add_rms_norm if use_triton(x.device) else add_rms_norm_ref)(x, r, norm.weight, norm.eps)
 
 
 # -----------------------------------------------------------------------------------------------
 # `python kernels.py`: the benchmark
 
 
-def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, chunk=32):
-    """A plain PyTorch parallel formulation, for the benchmark: within a chunk of T steps,
-    h_t = sum_{s<=t} exp(S_t - S_s) Delta_s B_s u_s + exp(S_t - S_start) h_start, S = cumsum(Delta A);
-    it materializes (b, di, n, T, T) per chunk and carries h across chunks."""
-    (b, di, L), g = u.shape, B.shape[1]
-    u, delta = u.float(), delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0)
-    delta = F.softplus(delta) if delta_softplus else delta
-    h, ys = u.new_zeros(b, di, A.shape[1], 1), []
-    for t0 in range(0, L, chunk):
-        sl = slice(t0, min(L, t0 + chunk))
-        Bc, Cc = (X[..., sl].float().repeat_interleave(di // g, 1) for X in (B, C))  # (b, di, n, T)
-        S = torch.cumsum(delta[:, :, None, sl] * A[None, :, :, None], dim=-1)  # (b, di, n, T)
-        T = S.shape[-1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=u.device).tril()
-        seg = (S[..., :, None] - S[..., None, :]).masked_fill(~causal, -math.inf)  # S_t - S_s, s <= t
-        hs = seg.exp() @ ((delta * u)[:, :, None, sl] * Bc)[..., None] + S.exp()[..., None] * h[..., None, :]
-        ys.append((hs[..., 0] * Cc).sum(2))
-        h = hs[..., -1, :]
-    y = torch.cat(ys, dim=-1) + (D.float()[:, None] * u if D is not None else 0)
-    return (y * F.silu(z.float()) if z is not None else y).to(B.dtype)
+SHAPES = {  # (batch, channels, d_state, groups, L): long scans, and the shapes mil trains
+    "S1": (8, 2048, 16, 1, 2048), "S2": (8, 2048, 64, 32, 2048), "S3": (8, 2048, 16, 1, 8192),
+    "gpu preset 50%": (32, 384, 64, 6, 512), "SmolLM2-135M": (16, 576, 64, 9, 512), "SmolLM2-135M long": (8, 576, 64, 9, 2048)}
+
+
+def scan_inputs(b, di, n, g, L, device):  # bf16 with z, D, delta_bias, as a trained layer runs the scan
+    r = lambda *s: torch.randn(*s, device=device)
+    return dict(u=r(b, di, L).bfloat16(), delta=(0.5 * r(b, di, L)).bfloat16(), A=-torch.rand(di, n, device=device) - 0.5,
+                B=r(b, g, n, L).bfloat16(), C=r(b, g, n, L).bfloat16(), D=r(di), z=r(b, di, L).bfloat16(),
+                delta_bias=0.5 * r(di))
+
+
+def rel_err(a, b):  # max |a - b| / max |b|
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def benchmark():
     from triton.testing import do_bench, do_bench_cudagraph
 
     cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
-    bench = (lambda f: do_bench(f, warmup=25, rep=200, return_mode="median") / 1e3) if cuda else \
+    dev = torch.device("cuda" if cuda else "cpu")
+    bench = (lambda f: do_bench(f, warmup=10, rep=50, return_mode="median") / 1e3) if cuda else \
         (lambda f: min(__import__("timeit").repeat(f, number=1, repeat=3)))
+    graph_bench = (lambda f: do_bench_cudagraph(f, rep=50) / 1e3) if cuda else bench
+
+    def side_by_side(fns, rounds=5 if cuda else 1):  # {name: fn} -> {name: median seconds}, interleaved rounds
+        times = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, f in fns.items():
+                times[k].append(f())
+        return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
     if not cuda:
         print("no GPU: a small smoke run through the Triton interpreter; numbers on a CPU mean little")
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, triton {triton.__version__}")
-    # the memory ceiling: a device-to-device copy, counting bytes read and written
-    x = torch.empty(2 ** 30 if cuda else 2 ** 22, dtype=torch.uint8, device=dev)
-    bw = 2 * x.numel() / bench(lambda: x.clone())
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    try:
+        official_step = official(dev)[1]
+        print("mamba_ssm imports: its kernels are timed beside mil's, on the same inputs, in interleaved rounds")
+    except RuntimeError as e:
+        official_step = None
+        print(f"mamba_ssm: not installed here ({e}); its columns say so")
+    x = torch.empty(2 ** 30 if cuda else 2 ** 22, dtype=torch.uint8, device=dev)  # the memory ceiling
+    print(f"copy bandwidth {2 * x.numel() / bench(lambda: x.clone()) / 1e9:.0f} GB/s")
     del x
     if cuda and "--sweep" in sys.argv:
         sweep(bench)
-    shapes = {"S1": (8, 2048, 16, 1, 2048), "S2": (8, 2048, 64, 32, 2048), "S3": (8, 2048, 16, 1, 8192)} if cuda else \
-        {"smoke": (1, 16, 4, 2, 64)}
-    print("\n| shape | pass | Triton us | floor us | x floor | reference us | speedup | PyTorch parallel us | speedup |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, (b, di, n, g, L) in shapes.items():
-        r = lambda *s: torch.randn(*s, device=dev)
-        make = lambda L: dict(u=r(b, di, L).bfloat16(), delta=(0.5 * r(b, di, L)).bfloat16(), A=-torch.rand(di, n, device=dev) - 0.5,
-                              B=r(b, g, n, L).bfloat16(), C=r(b, g, n, L).bfloat16(), D=r(di), z=r(b, di, L).bfloat16(),
-                              delta_bias=r(di) * 0.5)
-        io = 2 * (4 * b * di * L + 2 * b * g * n * L) + 4 * (di * n + 2 * di)  # u, delta, z, y; B, C; A, D, bias
-        bytes_ = {"forward": io, "backward": 2 * io + 2 * b * di * L, "forward+backward": 3 * io + 2 * b * di * L}
-        L_ref = min(L, 256)  # the loop over time is slow: run it shorter and scale
-        times = {}
-        for impl, length in (("triton", L), ("ref", L_ref), ("parallel", L_ref)):
-            ins = make(length)
-            fn = {"triton": selective_scan, "ref": selective_scan_ref, "parallel": selective_scan_parallel}[impl]
-            leaves = {k: v.requires_grad_() for k, v in ins.items()}
-            fwd = lambda: fn(**leaves, delta_softplus=True)
-            y = fwd()
-            dy = torch.randn_like(y)
-            scale = L / length
-            times[impl, "forward"] = bench(lambda: fwd()) * scale
-            times[impl, "backward"] = bench(lambda: y.backward(dy, retain_graph=True)) * scale
-            times[impl, "forward+backward"] = bench(lambda: fwd().backward(dy)) * scale
-            del y, leaves, ins
-        for p in ("forward", "backward", "forward+backward"):
-            t, floor = times["triton", p], bytes_[p] / bw
-            print(f"| {name} | {p} | {t * 1e6:.0f} | {floor * 1e6:.0f} | {t / floor:.1f}x | {times['ref', p] * 1e6:.0f} | "
-                  f"{times['ref', p] / t:.0f}x | {times['parallel', p] * 1e6:.0f} | {times['parallel', p] / t:.1f}x |")
-    # decoding: one step, and Algorithm 2's fused verification against K+1 = 5 steps that save every state
-    print("\n| decode | batch | d_state | Triton us | reference us | speedup |")
+    shapes = SHAPES if cuda else {"smoke": (1, 16, 4, 2, 64)}
+    ratio = lambda a, b: f"{a / b:.3f}x" if b else "-"
+    us = lambda t: f"{t * 1e6:.1f}" if t else "not installed"
+    # the scan: forward with and without gradients, backward, both; then each against the float32 reference
+    print("\n| shape | b, channels, d_state, groups, L | pass | mil us | mamba_ssm us | mil / mamba_ssm |")
     print("| --- | --- | --- | --- | --- | --- |")
-    graph_bench = (lambda f: do_bench_cudagraph(f, rep=100) / 1e3) if cuda else bench
+    errors = []
+    for name, (b, di, n, g, L) in shapes.items():
+        impls = {"mil": selective_scan} | ({"mamba_ssm": official_scan} if official_step else {})
+        ins = {k: v.requires_grad_() for k, v in scan_inputs(b, di, n, g, L, dev).items()}
+        ys = {k: fn(**ins, delta_softplus=True) for k, fn in impls.items()}
+        dy = torch.randn_like(ys["mil"])
+
+        def no_grad(fn):
+            with torch.no_grad():
+                fn(**ins, delta_softplus=True)
+
+        cells = {"forward, grad on": lambda fn, k: lambda: bench(lambda: fn(**ins, delta_softplus=True)),
+                 "forward, no grad": lambda fn, k: lambda: bench(lambda: no_grad(fn)),
+                 "backward": lambda fn, k: lambda: bench(lambda: ys[k].backward(dy, retain_graph=True)),
+                 "forward+backward": lambda fn, k: lambda: bench(lambda: fn(**ins, delta_softplus=True).backward(dy))}
+        for cell, timer in cells.items():
+            t = side_by_side({k: timer(fn, k) for k, fn in impls.items()})
+            print(f"| {name} | {b}, {di}, {n}, {g}, {L} | {cell} | {us(t['mil'])} | {us(t.get('mamba_ssm'))} | "
+                  f"{ratio(t['mil'], t.get('mamba_ssm'))} |", flush=True)
+        del ins, ys
+        # exactness: outputs and gradients against the float32 reference, on the first 1024 steps
+        ins = {k: v.requires_grad_() for k, v in scan_inputs(b, di, n, g, min(L, 1024), dev).items()}
+        grads = {}
+        for k, fn in {"ref": selective_scan_ref, **impls}.items():
+            y = fn(**{a: v.float() if a != "A" and k == "ref" else v for a, v in ins.items()}, delta_softplus=True)
+            grads[k] = [y] + list(torch.autograd.grad(y, list(ins.values()), dy[..., :y.shape[-1]].to(y.dtype)))
+        errors.append(f"| {name} | " + " | ".join(
+            f"{max(rel_err(a, r) for a, r in zip(grads[k][:1], grads['ref'][:1])):.1e} / "
+            f"{max(rel_err(a, r) for a, r in zip(grads[k][1:], grads['ref'][1:])):.1e}" if k in grads else "-"
+            for k in ("mil", "mamba_ssm")) + " |")
+        del ins, grads
+    print("\nMax relative error against the float32 reference (output / worst gradient), first 1024 steps:\n")
+    print("| shape | mil | mamba_ssm |\n| --- | --- | --- |\n" + "\n".join(errors))
+    # decoding: a Mamba layer's step after its input projection, fused (one kernel) against the same work
+    # with mamba_ssm's step kernel (the conv, SiLU and casts in PyTorch); the bare state updates side by side
+    print("\n| decode step | batch | d_state (heads) | mil us | with mamba_ssm us | mil / mamba_ssm |")
+    print("| --- | --- | --- | --- | --- | --- |")
     di = 2048 if cuda else 16
-    for n, g in ((16, 1), (64, 32)) if cuda else ((4, 2),):
+    for n, heads in ((16, 128), (64, 32)) if cuda else ((4, 4),):
         for b in (1, 64) if cuda else (1, 4):
             r = lambda *s: torch.randn(*s, device=dev)
-            A, D, bias = -torch.rand(di, n, device=dev) - 0.5, r(di), r(di)
-            state = r(b, di, n)
+            kv = heads // 4 if heads >= 4 else 1
+            state, conv, p = r(b, di, n), r(b, di, 3).bfloat16(), r(b, 2 * kv * (di // heads) + heads * n + 2 * di).bfloat16()
+            consts = (r(di, 4) / 4, r(di), -torch.rand(di, n, device=dev) - 0.5, r(di), r(di))
+            t = side_by_side({"mil": lambda: graph_bench(lambda: mamba_step(state, conv, p, *consts, heads))} |
+                             ({"mamba_ssm": lambda: graph_bench(lambda: mamba_step_ref(state, conv, p, *consts, heads,
+                                                                                       update=official_step))}
+                              if official_step else {}))
+            print(f"| layer (conv, SiLU, update, gate) | {b} | {n} ({heads}) | {us(t['mil'])} | "
+                  f"{us(t.get('mamba_ssm'))} | {ratio(t['mil'], t.get('mamba_ssm'))} |")
             x, dt, z = r(b, di).bfloat16(), r(b, di).bfloat16(), r(b, di).bfloat16()
-            Bt, Ct = r(b, g, n).bfloat16(), r(b, g, n).bfloat16()
-            args = lambda f: (lambda: f(state, x, dt, A, Bt, Ct, D, z, bias, True))
-            t, t_ref = graph_bench(args(selective_state_update)), graph_bench(args(selective_state_update_ref))
-            print(f"| step | {b} | {n} | {t * 1e6:.1f} | {t_ref * 1e6:.1f} | {t_ref / t:.1f}x |")
-            W = 5
-            xs, dts, zs = r(b, di, W).bfloat16(), r(b, di, W).bfloat16(), r(b, di, W).bfloat16()
-            Bs, Cs = r(b, g, n, W).bfloat16(), r(b, g, n, W).bfloat16()
-            replay = torch.full((b,), 3, dtype=torch.int32, device=dev)
-            states = torch.empty(W, b, di, n, device=dev)
+            Bt, Ct = r(b, heads, n).bfloat16(), r(b, heads, n).bfloat16()
+            args = (state, x, dt, consts[2], Bt, Ct, consts[3], z, consts[4], True)
+            t = side_by_side({"mil": lambda: graph_bench(lambda: selective_state_update(*args))} |
+                             ({"mamba_ssm": lambda: graph_bench(lambda: official_step(*args))} if official_step else {}))
+            print(f"| selective_state_update | {b} | {n} ({heads}) | {us(t['mil'])} | "
+                  f"{us(t.get('mamba_ssm'))} | {ratio(t['mil'], t.get('mamba_ssm'))} |")
+            # Algorithm 2: the fused verification of K+1 = 5 tokens against 5 steps that save every state
+            W, k = 5, 3
+            ps = r(b, W, p.shape[-1]).bfloat16()
+            window, x_prev, dt_prev = r(b, di, k + W).bfloat16(), r(b, di, W).bfloat16(), r(b, di, W).bfloat16()
+            B_prev, replay = r(b, kv, n, W).bfloat16(), torch.full((b,), 3, dtype=torch.int32, device=dev)
+            states, convs = torch.empty(W, b, di, n, device=dev), torch.empty(W, b, di, k, device=dev, dtype=conv.dtype)
 
-            def five_steps():  # the naive way: a step per token, each state saved for rollback
-                prev = state
+            def five_steps():
                 for i in range(W):
-                    states[i].copy_(prev)
-                    selective_state_update(states[i], xs[..., i], dts[..., i], A, Bs[..., i], Cs[..., i], D, zs[..., i], bias, True)
-                    prev = states[i]
+                    states[i].copy_(states[i - 1] if i else state)
+                    convs[i].copy_(convs[i - 1] if i else conv)
+                    mamba_step(states[i], convs[i], ps[:, i], *consts, heads)
 
-            x_prev, dt_prev = xs.clone(), dts.clone()  # the fused kernel stores the new x, Delta here
-            t_fused = graph_bench(lambda: selective_state_verify(state, x_prev, dt_prev, Bs, replay, xs, dts, A, Bs, Cs, D,
-                                                                 zs, bias, True))
+            t_fused = graph_bench(lambda: mamba_verify(state, conv, window, x_prev, dt_prev, B_prev, replay, ps, *consts, heads))
             t_naive = graph_bench(five_steps)
-            print(f"| verify K+1=5 (fused vs 5 saving steps: {t_naive * 1e6:.1f} us) | {b} | {n} | {t_fused * 1e6:.1f} | "
-                  f"- | {t_naive / t_fused:.1f}x |")
-    if cuda:
-        training_speed()
+            print(f"| verify K+1=5 (vs 5 state-saving steps: {t_naive * 1e6:.1f} us) | {b} | {n} ({heads}) | "
+                  f"{t_fused * 1e6:.1f} | - | {t_naive / t_fused:.1f}x faster than the steps |")
+    # a long prompt without gradients: time cut into P pieces run in parallel, against one walk (P = 1)
+    global PIECES
+    print("\n| prefill, no grad | b, channels, d_state, L | " + " | ".join(f"P={p} us" for p in (1, 2, 4, 8, 16, 32)) +
+          " | auto |\n|" + " --- |" * 9)
+    for b, di, n, g, L in ((1, 2048, 16, 1, 8192), (1, 384, 64, 6, 8192), (1, 576, 64, 9, 8192), (1, 384, 64, 6, 32768),
+                           (8, 2048, 16, 1, 2048), (8, 2048, 16, 1, 8192), (4, 576, 64, 9, 2048)) if cuda else ((1, 16, 4, 2, 64),):
+        ins = scan_inputs(b, di, n, g, L, dev)
+        cells = []
+        for pieces in (1, 2, 4, 8, 16, 32, 0):
+            PIECES = pieces
+            with torch.no_grad():
+                cells.append(bench(lambda: selective_scan(**ins, delta_softplus=True)))
+        PIECES = 0
+        print(f"| | {b}, {di}, {n}, {L} | " + " | ".join(f"{t * 1e6:.0f}" for t in cells[:-1]) +
+              f" | {cells[-1] * 1e6:.0f} (P={_pieces(ins['u'], g, n)}) |", flush=True)
 
 
 def sweep(bench):
@@ -783,34 +1013,6 @@ def sweep(bench):
         print(f"| {shape[0]} | {shape[1]} | " + " | ".join(f"{cells[i] * 1e6:.0f}" for i in (0, 2, 1, 3)) + " |", flush=True)
     FWD, BWD = min(fwd, key=fwd.get), min(bwd, key=bwd.get)
     print(f"the table below uses FWD = {FWD}, BWD = {BWD} (states per warp, warps)")
-
-
-def training_speed():
-    """A distillation-shaped training step of the gpu preset's 50% hybrid (random weights) at L = 512,
-    batch 16 and the preset's 32, through the Triton scan and through the reference loop."""
-    import kernels  # the module mil uses: under `python kernels.py` this file is __main__
-    import mil
-
-    cfg = mil.Config(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, attn_layers=(1, 3, 5, 7))
-    model = mil.Model(cfg).cuda()
-    kernels.FWD, kernels.BWD = FWD, BWD  # what the sweep chose, if it ran
-    for batch in (16, 32):
-        idx = torch.randint(0, cfg.vocab_size, (batch, 512), device="cuda")
-        times = {}
-        for backend in ("triton", "ref"):
-            kernels.BACKEND = backend
-
-            def train_step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(idx, idx)[1]
-                loss.backward()
-
-            train_step()
-            torch.cuda.synchronize()
-            times[backend] = min(__import__("timeit").repeat(lambda: (train_step(), torch.cuda.synchronize()), number=1, repeat=3))
-        print(f"training step, gpu preset 50% hybrid, batch {batch} x 512: Triton {batch * 512 / times['triton']:,.0f} tokens/s, "
-              f"reference {batch * 512 / times['ref']:,.0f} tokens/s: {times['ref'] / times['triton']:.1f}x", flush=True)
-    kernels.BACKEND = "auto"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 from heapq import heapify, heappop, heappush
+from types import SimpleNamespace
 
 import numpy as np
 import regex
@@ -371,10 +372,12 @@ class Caches(list):
         self.conv = torch.zeros(len(mamba), batch, di, k, device=device, dtype=dtype)  # the last k conv inputs
         self.conv_window = torch.zeros(len(mamba), batch, di, k + w, device=device, dtype=dtype) if draft_len else None
         self.replay = torch.zeros(batch, dtype=torch.int32, device=device)  # verified tokens to replay (Algorithm 2)
-        # decoding's Delta: the two low-rank weights multiplied once, d -> di (cuBLAS is slow at a few rows
-        # through rank r). A list: constants, which graphs need not restore and which are not cache memory
-        self.dt_weights = [(m.dt_proj.weight.float() @ m.dt_in_proj.weight.float()).detach().to(device, dtype)
-                           for m in (model.layers[i].mixer for i in mamba)]  # (di, d) each
+        # what decoding reads, derived once from the weights training updates (issue: a step costs about its
+        # number of kernels): per layer the MLP's gate and up rows as one weight, per Mamba layer its fused
+        # inputs (MambaMixer.decode_weights). Lists: constants, which graphs need not restore (not cache memory)
+        self.gate_up = [torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]).detach().to(device, dtype)
+                        for b in model.layers]  # (2 d_ff, d) each
+        self.mamba = [model.layers[i].mixer.decode_weights(device, dtype) for i in mamba]
         super().__init__(MambaCache(self, mamba.index(i), cfg, batch, device, dtype) if i in mamba
                          else AttnCache(self, cfg, batch, device, dtype) for i in range(cfg.n_layer))
 
@@ -477,14 +480,14 @@ class MambaCache:
     whose accepted prefix the next verification replays into the committed state."""
 
     def __init__(self, caches, j, cfg, batch, device, dtype):
-        di, n, g, w = cfg.n_head * cfg.head_dim, cfg.head_dim, cfg.n_head, caches.draft_len + 1
+        di, n, g, w = cfg.n_head * cfg.head_dim, cfg.head_dim, cfg.n_kv_head, caches.draft_len + 1
         self.seq, self.j, self.conv, self.replay = caches, j, caches.conv[j], caches.replay  # conv (b, di, d_conv-1)
         self.ssm = torch.zeros(batch, di, n, device=device, dtype=torch.float32)  # (b, di, n): committed state
         if caches.draft_len:
             self.conv_window = caches.conv_window[j]  # (b, di, d_conv-1 + K+1)
             self.x = torch.zeros(batch, di, w, device=device, dtype=dtype)  # after conv and SiLU
             self.dt = torch.zeros(batch, di, w, device=device, dtype=dtype)
-            self.B = torch.zeros(batch, g, n, w, device=device, dtype=dtype)
+            self.B = torch.zeros(batch, g, n, w, device=device, dtype=dtype)  # per KV head
 
 
 class MambaMixer(nn.Module):
@@ -529,43 +532,66 @@ class MambaMixer(nn.Module):
         else:
             self.conv1d.reset_parameters()
 
-    def project(self, o):
-        """The SSM's inputs from the layer input o (b, l, d), in the scan's layout."""
-        rep, e = self.cfg.n_head // self.cfg.n_kv_head, self.cfg.head_dim
-        x = repeat(self.v_proj(o), "b l (g e) -> b (g r e) l", r=rep, e=e)  # (b, di, l), head-major
-        B = repeat(self.k_proj(o), "b l (g e) -> b (g r) e l", r=rep, e=e)  # (b, h, n, l)
-        C = rearrange(self.q_proj(o), "b l (h e) -> b h e l", e=e)  # (b, h, n, l)
-        return x, B.contiguous(), C
-
     def forward(self, o, rope=None, cache=None):  # o (b, l, d); rope is unused: no positions here
-        x, B, C = self.project(o)
-        z = rearrange(self.z_proj(o), "b l di -> b di l")
-        # Delta, low rank d -> r -> di (dt_proj's bias goes to the scan); decoding: the weights multiplied once
-        dt = F.linear(o, cache.seq.dt_weights[cache.j]) if cache is not None else \
-            F.linear(self.dt_in_proj(o), self.dt_proj.weight)
-        dt = rearrange(dt, "b l di -> b di l")
-        # causal conv over time: left-pad with zeros, or with the cached last inputs when decoding
+        if cache is not None:
+            return self.o_proj(self.decode(o, cache))
+        # Delta, low rank d -> r -> di (dt_proj's bias goes to the scan)
+        dt = F.linear(self.dt_in_proj(o), self.dt_proj.weight)
+        xBCzdt = (self.v_proj(o), self.k_proj(o), self.q_proj(o), self.z_proj(o), dt)
         k = self.cfg.d_conv - 1
-        past = cache.conv if cache is not None else x.new_zeros(x.shape[0], x.shape[1], k)
-        verify = cache is not None and cache.seq.draft_len and cache.seq.where is not None
-        x_pad = torch.cat([past, x], dim=-1, out=cache.conv_window if verify else None)  # (b, di, k + l)
+        y, _, _ = self.mix(*xBCzdt, o.new_zeros(o.shape[0], self.D.numel(), k))
+        return self.o_proj(y)
+
+    def mix(self, x, B, C, z, dt, past, h0=None):
+        """The layer between its projections (b, l, ..) and o_proj: the causal conv over time after the
+        `past` k inputs (b, di, k), SiLU, the scan (from state h0). Returns y (b, l, di), the conv's
+        input and the last state."""
+        x, B, C = self.scan_layout(x, B, C)
+        z, dt = (rearrange(t, "b l di -> b di l") for t in (z, dt))
+        x_pad = torch.cat([past, x], dim=-1)  # (b, di, k + l)
         x = F.silu(F.conv1d(x_pad, self.conv1d.weight, self.conv1d.bias, groups=x.shape[1]))  # (b, di, l)
-        A = -torch.exp(self.A_log.float())  # (di, n)
-        args = dict(D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        if cache is None:
-            return self.o_proj(rearrange(kernels.scan(x, dt, A, B, C, **args), "b di l -> b l di"))
-        if verify:  # speculative verification (Algorithm 2): one fused kernel; x_pad went to the conv window
-            y = kernels.verify(cache.ssm, cache.x, cache.dt, cache.B, cache.replay, x, dt, A, B, C, **args)
-            cache.B.copy_(B)  # the kernel stored x and Delta: the next verification replays a prefix of these
-        elif o.shape[1] == 1:  # one decode step updates the state in place
-            y = kernels.step(cache.ssm, x[..., 0], dt[..., 0], A, B[..., 0], C[..., 0], D=args["D"], z=z[..., 0],
-                             dt_bias=args["delta_bias"], dt_softplus=True)[..., None]
-            cache.conv.copy_(x_pad[..., -k:])
-        else:  # several tokens at once (prefill): scan from the cached state
-            y, last = kernels.scan(x, dt, A, B, C, **args, return_last_state=True, initial_state=cache.ssm)
-            cache.ssm.copy_(last)
-            cache.conv.copy_(x_pad[..., -k:])
-        return self.o_proj(rearrange(y, "b di l -> b l di"))
+        y, last = kernels.scan(x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=True,
+                               initial_state=h0)
+        return rearrange(y, "b di l -> b l di"), x_pad, last
+
+    def scan_layout(self, x, B, C):
+        """x, B per KV head and C per head (b, l, ..) -> the scan's x (b, di, l) and B, C (b, h, n, l):
+        x and B repeated from their KV heads to the query heads, exactly as GQA pairs heads."""
+        rep, e = self.cfg.n_head // self.cfg.n_kv_head, self.cfg.head_dim
+        x = repeat(x, "b l (g e) -> b (g r e) l", r=rep, e=e)  # head-major
+        B = repeat(B, "b l (g e) -> b (g r) e l", r=rep, e=e).contiguous()
+        return x, B, rearrange(C, "b l (h e) -> b h e l", e=e)
+
+    @torch.no_grad()
+    def decode_weights(self, device, dtype):
+        """What decoding reads, made once per caches: one input projection, the rows of x, B, C, z and
+        Delta (its two low-rank weights multiplied: cuBLAS is slow at a few rows through rank r), so that
+        a step enters the layer with one GEMM; the conv and the SSM's constants in float32."""
+        dt = self.dt_proj.weight.float() @ self.dt_in_proj.weight.float()  # (di, d)
+        rows = [self.v_proj.weight, self.k_proj.weight, self.q_proj.weight, self.z_proj.weight, dt]
+        f32 = lambda t: t.float().contiguous().to(device)
+        return SimpleNamespace(in_proj=torch.cat([w.to(dtype) for w in rows]).to(device), conv_weight=f32(self.conv1d.weight[:, 0]),
+                               conv_bias=f32(self.conv1d.bias), A=f32(-torch.exp(self.A_log.float())), D=f32(self.D),
+                               dt_bias=f32(self.dt_proj.bias))
+
+    def decode(self, o, cache):
+        """With caches: one GEMM for all the layer's inputs, then a decode step (one fused kernel),
+        Algorithm 2's verification (one fused kernel), or a prefill (the scan from the cached state).
+        Returns y (b, l, di) for o_proj."""
+        w, h = cache.seq.mamba[cache.j], self.cfg.n_head
+        xBCzdt = F.linear(o, w.in_proj)  # (b, l, g e + g e + h e + 2 di)
+        constants = (w.conv_weight, w.conv_bias, w.A, w.D, w.dt_bias, h)
+        if cache.seq.draft_len and cache.seq.where is not None:  # speculative verification: the K+1 tokens
+            return kernels.verify(cache.ssm, cache.conv, cache.conv_window, cache.x, cache.dt, cache.B, cache.replay,
+                                  xBCzdt, *constants)
+        if o.shape[1] == 1:  # one decode step updates the state and the conv window in place
+            return kernels.step(cache.ssm, cache.conv, xBCzdt[:, 0], *constants)[:, None]
+        g, e, di = self.cfg.n_kv_head, self.cfg.head_dim, self.D.numel()  # prefill: the scan from the cached state
+        y, x_pad, last = self.mix(*xBCzdt.split([g * e, g * e, h * e, di, di], dim=-1), cache.conv, cache.ssm)
+        cache.ssm.copy_(last)
+        cache.conv.copy_(x_pad[..., x_pad.shape[-1] - cache.conv.shape[-1]:])
+        return y
 
 
 # -----------------------------------------------------------------------------------------------
@@ -580,8 +606,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache=None):
-        x = x + self.drop(self.mixer(self.attn_norm(x), rope, cache))
+    def forward(self, x, rope):  # training and evaluation; decoding with caches is Model.decode
+        x = x + self.drop(self.mixer(self.attn_norm(x), rope))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -606,17 +632,31 @@ class Model(nn.Module):
                 block.mixer.reset_ssm_parameters()
 
     def forward(self, idx, targets=None, caches=None):  # idx (b, l) -> logits (b, l, v)
-        x = self.drop(self.embed(idx))  # (b, l, d)
-        # RoPE tables: the caches' rows at their device position (so that graphs replay), else 0 .. l-1
-        rope = caches.begin(idx.shape[1]) if caches else \
-            rope_tables(self.inv_freq, torch.arange(idx.shape[1], device=idx.device), x.dtype)
-        for i, block in enumerate(self.layers):
-            x = block(x, rope, caches[i] if caches else None)
         if caches:
-            caches.advance(idx.shape[1])
+            return self.lm_head(self.decode(idx, caches)), None
+        x = self.drop(self.embed(idx))  # (b, l, d)
+        rope = rope_tables(self.inv_freq, torch.arange(idx.shape[1], device=idx.device), x.dtype)
+        for block in self.layers:
+            x = block(x, rope)
         logits = self.lm_head(self.norm(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+    def decode(self, idx, caches):
+        """The forward with caches (prefill, decode steps, verification), block by block as Block.forward
+        but with fewer kernels: each residual add fused with the RMSNorm after it, the MLP's gate and up
+        as one GEMM, the weights the caches derived. RoPE tables are the caches' rows at their device
+        position, so that graphs replay. Returns the last norm's output (b, l, d)."""
+        rope, blocks = caches.begin(idx.shape[1]), self.layers
+        x = self.embed(idx)
+        h = blocks[0].attn_norm(x)
+        for i, block in enumerate(blocks):
+            x, h = kernels.add_norm(x, block.mixer(h, rope, caches[i]), block.mlp_norm)
+            gate, up = F.linear(h, caches.gate_up[i]).chunk(2, dim=-1)
+            x, h = kernels.add_norm(x, block.mlp.down_proj(F.silu(gate) * up),
+                                    blocks[i + 1].attn_norm if i + 1 < len(blocks) else self.norm)
+        caches.advance(idx.shape[1])
+        return h
 
     def new_caches(self, batch, max_len, device=None, dtype=None, draft_len=0):
         """One cache per layer; draft_len K > 0 prepares the Mamba layers for verifying K drafts."""

@@ -283,7 +283,7 @@ def context_benchmark(cfg):
     depends only on the architecture; the gpu preset is the real benchmark, the cpu one a smoke run).
     Decode: the caches are set to hold `context` positions and one-token steps are timed (CUDA
     graphs); memory: the bytes of the caches' tensors over the batch (the state, and the RoPE table
-    and positions every sequence shares; not Delta's folded weights, a copy of the model's). Prefill:
+    and positions every sequence shares; not the weights decoding derives, a copy of the model's). Prefill:
     one forward of `context` tokens at batch 1."""
     dev = torch.device(cfg["device"])
     gpu, full = dev.type == "cuda", cfg["preset"] != "cpu"  # the cpu preset: a smoke run, on any device

@@ -66,7 +66,7 @@ def test_mamba_from_attention_is_linear_attention():
     attn = teacher.layers[0].mixer
     mixer = mil.hybrid_from_teacher(teacher, attn_layers=()).layers[0].mixer
     o = torch.randn(2, 24, cfg.d_model)
-    x, B, C = mixer.project(o)  # (b, di, l), (b, h, n, l), (b, h, n, l)
+    x, B, C = mixer.scan_layout(mixer.v_proj(o), mixer.k_proj(o), mixer.q_proj(o))  # (b, di, l), (b, h, n, l) x2
     y = kernels.selective_scan_ref(x, torch.ones_like(x), torch.zeros(x.shape[1], cfg.head_dim), B, C)
     mamba_out = mixer.o_proj(y.transpose(1, 2))
     # causal linear attention, written directly from the attention layer
@@ -120,9 +120,6 @@ def test_reference_scan_matches_closed_form(L, groups, options):
     y, last = kernels.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
     y2, last2 = scan_closed_form(**x, delta_softplus=True)
     torch.testing.assert_close(y.double(), y2, rtol=1e-5, atol=1e-5)
-    if x["initial_state"] is None:  # the benchmark's PyTorch parallel formulation, chunked
-        y3 = kernels.selective_scan_parallel(**{k: v for k, v in x.items() if k != "initial_state"}, delta_softplus=True, chunk=8)
-        torch.testing.assert_close(y3.double(), y2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last.double(), last2, rtol=1e-5, atol=1e-5)
 
 
@@ -224,6 +221,33 @@ def test_triton_step_matches_reference_and_scan(groups, n, options, programs, mo
     y_scan, last = kernels.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(torch.stack(ys, -1), y_scan, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, last, rtol=1e-5, atol=1e-5)
+
+
+def test_mamba_ssm_backend_matches_reference():
+    """--scan=mamba_ssm (when mamba_ssm imports, on a GPU): its CUDA scan through mil's wrapper, output,
+    last state and gradients, and a layer's decode step with its step kernel, against the references."""
+    try:
+        official_step = kernels.official(torch.device(DEV))[1]
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    x = scan_inputs(b=2, di=64, L=300, n=16, groups=4, dtype=torch.bfloat16, device=DEV, options=(1, 1, 1, 0))
+    del x["initial_state"]
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    ref_in = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    y, last = kernels.official_scan(**leaves, delta_softplus=True, return_last_state=True)
+    y_ref, last_ref = kernels.selective_scan_ref(**ref_in, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.bfloat16])
+    torch.testing.assert_close(last, last_ref, **TOL[torch.bfloat16])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for k in x:
+        scale = ref_in[k].grad.abs().max().item()
+        torch.testing.assert_close(leaves[k].grad.float(), ref_in[k].grad.float(), rtol=GRAD_TOL[torch.bfloat16]["rtol"],
+                                   atol=GRAD_TOL[torch.bfloat16]["atol"] * max(1.0, scale), msg=lambda m: f"d{k}: {m}")
+    state, conv, p, constants = layer_inputs(3, 4, 2, 4, dtype=torch.bfloat16)
+    y = kernels.mamba_step_ref(state.clone(), conv.clone(), p, *constants, 4, update=official_step)
+    torch.testing.assert_close(y, kernels.mamba_step_ref(state, conv, p, *constants, 4), **TOL[torch.bfloat16])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -584,11 +608,13 @@ BAD_OPTIONS = [  # (argv, what the one-line message must say)
     (["--lr=-1"], "--lr=-1.0: takes a positive number"),
     (["--dropout=1.5"], "--dropout=1.5: takes a rate in [0, 1)"),
     (["--draft_layers=99"], "--draft_layers=99: takes 0 (no draft) to 8"),
-    (["--targets=web"], "--targets=web: takes corpus or teacher"),
-    (["--scan=cuda"], "--scan=cuda: scan backend must be auto, triton or ref"),
+    (["--targets=web"], "--targets=web: takes corpus, teacher or mix"),
+    (["--scan=cuda"], "--scan=cuda: scan backend must be auto, triton, ref or mamba_ssm"),
+    (["--bench=infer"], "--bench=infer: takes train"),
     (["--teacher=/no/such/model.gguf"], "--teacher=/no/such/model.gguf: no model at"),
     (["--teacher=smollm2", "--n_layer=4"], "--n_layer=4: a pretrained teacher brings its own architecture"),
-] + ([] if GPU else [(["--device=cuda"], "--device=cuda: takes cpu, or cuda on a machine with a CUDA GPU")])
+] + ([] if GPU else [(["--device=cuda"], "--device=cuda: takes cpu, or cuda on a machine with a CUDA GPU"),
+                     (["--scan=mamba_ssm"], "--scan=mamba_ssm: the mamba_ssm backend needs mamba_ssm's selective_scan_cuda")])
 
 
 @pytest.mark.parametrize("argv, message", BAD_OPTIONS)
@@ -643,12 +669,14 @@ def peaked_models():
     return target.eval(), draft.eval()
 
 
-def test_greedy_speculative_decoding_equals_plain_greedy():
-    target, draft = peaked_models()
+@pytest.mark.parametrize("backend", ["ref", "auto"] if GPU else ["ref"])  # the interpreter's: below
+def test_greedy_speculative_decoding_equals_plain_greedy(backend):
+    kernels.BACKEND = backend
+    target, draft = (m.to(DEV) for m in peaked_models())
     accepted = tested = 0
     for k in (1, 2, 4):
         for seed in range(2):
-            prompt = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(seed))
+            prompt = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(seed)).to(DEV)
             n_new = 40 - 5  # up to the length limit
             plain, _ = speculative.plain_generate(target, prompt, n_new, temperature=0)
             assert torch.equal(plain, mil.generate(target, prompt, n_new, temperature=0))
@@ -675,36 +703,93 @@ def test_cuda_graph_decoding_matches_eager(temperature):
         assert torch.equal(runs[0], runs[1]), fn.__name__
 
 
-@pytest.mark.parametrize("groups,n,programs", [(1, 4, 1), (4, 16, 256)])
-def test_verify_kernel_matches_reference_for_every_replay_count(groups, n, programs, monkeypatch):
-    """Algorithm 2's fused MultiStep kernel against its loop of reference steps, for every number of
-    replayed tokens 0 .. K+1 (each row of the batch its own): outputs, committed state, and the new
-    tokens' x and Delta stored for the next verification. `programs` 1: a program takes all 8
-    channels; 256: one channel each."""
+def layer_inputs(b, heads, kv_heads, d_conv, e=4, l=None, dtype=torch.float32):
+    """Fresh random decode-time inputs of one Mamba layer (kernels.mamba_step's layout): the state, the
+    conv window, the fused projection (b, g e + g e + h e + 2 di) (with l: (b, l, ..)), the float32
+    constants. Delta's raw values near 0, as trained layers have them."""
+    r = lambda *s: torch.randn(*s, device=DEV)
+    di = heads * e
+    p = r(b, *([l] if l else []), 2 * kv_heads * e + heads * e + 2 * di)
+    p[..., -di:] = 0.5 * p[..., -di:]
+    constants = (r(di, d_conv) / d_conv, r(di), -0.5 - torch.rand(di, e, device=DEV), r(di), 0.5 * r(di))
+    return r(b, di, e), r(b, di, d_conv - 1).to(dtype), p.to(dtype), constants
+
+
+GQA_CASES = [(4, 2, 4, 1), (4, 4, 2, 256), (4, 1, 1, 1), (2, 1, 3, 256)]  # heads, kv heads, d_conv, programs
+
+
+@pytest.mark.parametrize("heads,kv_heads,d_conv,programs", GQA_CASES)
+def test_fused_decode_step_matches_reference(heads, kv_heads, d_conv, programs, monkeypatch):
+    """The fused decode step (conv, SiLU, Delta, state update, gate in one kernel) against its reference,
+    five steps in a row (state and conv window carried), for GQA ratios 1, 2, 4 and conv widths 1-4.
+    `programs` 1 lets a program take several channels, 256 one channel each. That the reference step
+    is the layer's forward: check_cached_decoding."""
     monkeypatch.setattr(kernels, "POISON", True)
     monkeypatch.setattr(kernels, "PROGRAMS", programs)
-    K = 3
-    prev = scan_inputs(b=K + 2, di=8, L=K + 1, n=n, groups=groups, device=DEV)
-    new = scan_inputs(b=K + 2, di=8, L=K + 1, n=n, groups=groups, device=DEV)
-    replay = torch.arange(K + 2, dtype=torch.int32, device=DEV)  # row r replays r tokens
-    args = (new["u"], new["delta"], new["A"], new["B"], new["C"])
-    kw = dict(D=new["D"], z=new["z"], dt_bias=new["delta_bias"], dt_softplus=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        state, conv, _, constants = layer_inputs(3, heads, kv_heads, d_conv, dtype=dtype)
+        state_ref, conv_ref = state.clone(), conv.clone()
+        for _ in range(5):
+            p = layer_inputs(3, heads, kv_heads, d_conv, dtype=dtype)[2]
+            y = kernels.mamba_step(state, conv, p, *constants, heads)
+            y_ref = kernels.mamba_step_ref(state_ref, conv_ref, p, *constants, heads)
+            torch.testing.assert_close(y, y_ref, **TOL[dtype])
+            torch.testing.assert_close(state, state_ref, **TOL[dtype])
+            assert torch.equal(conv, conv_ref)
+
+
+@pytest.mark.parametrize("heads,kv_heads,d_conv,programs", GQA_CASES)
+def test_fused_verify_matches_reference_for_every_replay_count(heads, kv_heads, d_conv, programs, monkeypatch):
+    """Algorithm 2's fused MultiStep kernel against its reference, for every number of replayed tokens
+    0 .. K+1 (each row of the batch its own): outputs, committed state, the conv window, and the new
+    tokens' x, Delta and B stored for the next verification; then the committed state against r
+    reference steps of the replayed tokens."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    monkeypatch.setattr(kernels, "PROGRAMS", programs)
+    K, e = 3, 4
+    b, di, k = K + 2, heads * e, d_conv - 1
+    state, conv, p, constants = layer_inputs(b, heads, kv_heads, d_conv, l=K + 1)
+    r = lambda *s: torch.randn(*s, device=DEV)
+    prev = (r(b, di, k + K + 1), r(b, di, K + 1), r(b, di, K + 1), r(b, kv_heads, e, K + 1))  # window, x, Delta, B
+    replay = torch.arange(b, dtype=torch.int32, device=DEV)  # row r replays r tokens
     runs = []
-    for verify in (kernels.selective_state_verify, kernels.selective_state_verify_ref):
-        state, x_prev, dt_prev = prev["initial_state"].clone(), prev["u"].clone(), prev["delta"].clone()
-        y = verify(state, x_prev, dt_prev, prev["B"], replay, *args, **kw)
-        runs.append((y, state, x_prev, dt_prev))
+    for verify in (kernels.mamba_verify, kernels.mamba_verify_ref):
+        s, bufs = state.clone(), [t.clone() for t in prev]
+        y = verify(s, conv, *bufs[:1], *bufs[1:], replay, p, *constants, heads)
+        runs.append([y, s, *bufs])
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    _, state, x_prev, dt_prev = runs[0]
-    assert torch.equal(x_prev, new["u"]) and torch.equal(dt_prev, new["delta"])
-    for r in range(K + 2):  # the committed state is the state after exactly r replayed tokens
-        h = prev["initial_state"][r:r + 1].clone()
-        for i in range(r):
-            kernels.selective_state_update_ref(h, prev["u"][r:r + 1, :, i], prev["delta"][r:r + 1, :, i], new["A"],
-                                               prev["B"][r:r + 1, ..., i], prev["B"][r:r + 1, ..., i],
-                                               dt_bias=new["delta_bias"], dt_softplus=True)
-        torch.testing.assert_close(state[r:r + 1], h, rtol=1e-5, atol=1e-5)
+    _, committed, window, x_prev, dt_prev, B_prev = runs[0]
+    assert torch.equal(window[..., :k], conv) and torch.equal(dt_prev, p[..., -di:].transpose(1, 2))
+    for row in range(b):  # the committed state is the state after exactly r replayed tokens
+        h = state[row:row + 1].clone()
+        for i in range(row):
+            kernels.selective_state_update_ref(h, prev[1][row:row + 1, :, i], prev[2][row:row + 1, :, i], constants[2],
+                                               prev[3][row:row + 1, ..., i], prev[3][row:row + 1, ..., i],
+                                               dt_bias=constants[4], dt_softplus=True)
+        torch.testing.assert_close(committed[row:row + 1], h, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_matches_reference(dtype, monkeypatch):
+    monkeypatch.setattr(kernels, "POISON", True)
+    x, r, w = (torch.randn(*s, device=DEV) for s in ((3, 5, 24), (3, 5, 24), (24,)))
+    s, y = kernels.add_rms_norm(x.to(dtype), r.to(dtype), w.to(dtype), 1e-5)
+    s_ref, y_ref = kernels.add_rms_norm_ref(x.to(dtype), r.to(dtype), w.to(dtype), 1e-5)
+    torch.testing.assert_close(s, s_ref, **TOL[dtype])  # (the interpreter rounds to bf16 toward zero)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+
+
+def test_triton_decoding_matches_forward_and_plain_greedy():
+    """The model with the fused Triton kernels (the interpreter on CPU): cached decoding equals the
+    forward, and greedy speculative decoding equals plain greedy."""
+    kernels.BACKEND = "auto"
+    teacher = trained_looking(mil.Model(small_config()))
+    check_cached_decoding(mil.hybrid_from_teacher(teacher, attn_layers=(1, 3)), torch.randint(0, 4096, (2, 16)))
+    target, draft = (m.to(DEV) for m in peaked_models())
+    prompt = torch.randint(0, 4096, (1, 5), device=DEV)
+    plain, _ = speculative.plain_generate(target, prompt, 6, temperature=0)
+    assert torch.equal(speculative.speculative_generate(target, draft, prompt, 6, 2, temperature=0)[0], plain)
 
 
 def two_token_samples(accept, trials=200_000, v=5, seed=0):
@@ -814,8 +899,8 @@ def test_data_parallel_trains_what_one_process_trains_and_resumes(tmp_path):
 
 
 def test_pipeline_ablations_and_benchmarks_smoke(tmp_path, capsys):
-    """The whole of `python distill.py --ablate && python speculative.py` and the context benchmark,
-    at toy sizes: every stage runs and every table is printed."""
+    """The whole of `python distill.py --ablate && python speculative.py`, the context benchmark and
+    `python distill.py --bench=train`, at toy sizes: every stage runs and every table is printed."""
     out = f"--out_dir={tmp_path}"  # and --scan=ref everywhere: the interpreter would take minutes here
     distill.main(TINY + [out, "--ablate", "--ablate_steps=2"])
     for name in ("teacher", "attn50", "attn50_ft", "draft", "results.md", "ablations.md"):
@@ -829,9 +914,11 @@ def test_pipeline_ablations_and_benchmarks_smoke(tmp_path, capsys):
     with pytest.raises(SystemExit, match="python distill.py"):
         speculative.main([f"--out_dir={tmp_path / 'none'}", "--preset=cpu", "--scan=ref"])
     speculative.main(spec + ["--bench=context"])
+    distill.main(TINY + [out, "--bench=train"])
     text = capsys.readouterr().out
     for heading in ("| model | attention layers | plays: perplexity", "attention init, frozen MLP", "Mamba mixers removed",
-                    "| model | 1x | 2x", "G=0", "| model | decoding | K", "| model | attention layers | batch | context"):
+                    "| model | 1x | 2x", "G=0", "| model | decoding | K", "| model | attention layers | batch | context",
+                    "| scan | ms / step | tokens/s |"):
         assert heading in text, heading
 
 
