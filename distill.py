@@ -42,7 +42,7 @@ PRESETS = {
                 ft_steps=100, draft_steps=3000, generations=4096, ablate_steps=100, eval_windows=236),
     "smollm2": dict(block_size=512, batch_size=16, eval_every=100, distill_steps=400, distill_lr=1e-3,
                     ft_steps=100, draft_steps=1500, generations=1024, ablate_steps=200, eval_windows=128,
-                    attn_fractions="0.5,0.25", targets="teacher"),
+                    attn_fractions="0.5,0.25", targets="mix"),
 }
 ARCH = ("n_layer", "d_model", "n_head", "n_kv_head")  # the toy teacher's; a pretrained one brings its own
 DEFAULTS = dict(
@@ -65,7 +65,7 @@ DEFAULTS = dict(
     beta=1.0,  # is as good in perplexity (README) and its hybrids follow the teacher, and so the draft, closer
     targets="corpus",  # the text distilled on: corpus | teacher (its own generations: sequence-level KD) | mix (half each)
     # generations: how many teacher sequences to sample once (cached): the draft's training text, and the
-    # students' with --targets=teacher
+    # students' with --targets=teacher or mix
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
     draft_layers=1,  # the speculative-decoding draft's layers (README: 1 vs 2 on the H200)
     ablate=False,

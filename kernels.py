@@ -412,9 +412,9 @@ def _layer_tile(state_ptr, A_ptr, p_ptr, DI, N, P, REP, BLOCK_D: tl.constexpr, B
     of the program's fields in a row of the projection xBCzdt (see `_fields`)."""
     b, d, n, mn, head, sp, h, A2 = _decode_tile(state_ptr, A_ptr, DI, N, P, BLOCK_D, BLOCK_N)
     kv, G, H = head // REP, DI // P // REP, DI // P  # this head's KV head; the numbers of KV heads, heads
-    offs = (kv * P + d % P, G * P + kv * N + n, G * (P + N) + head * N + n, G * (P + N) + H * N + d,
-            G * (P + N) + H * N + DI + d)  # x, B, C, z, Delta
-    return b, d, n, mn, kv, G, sp, h, A2, offs
+    ox, oB, oC = kv * P + d % P, G * P + kv * N + n, G * (P + N) + head * N + n  # x, B, C
+    oz, odt = G * (P + N) + H * N + d, G * (P + N) + H * N + DI + d  # z, Delta
+    return b, d, n, mn, kv, G, sp, h, A2, ox, oB, oC, oz, odt
 
 
 @triton.jit
@@ -431,8 +431,8 @@ def _mamba_step_kernel(state_ptr, conv_ptr, p_ptr, cw_ptr, cb_ptr, A_ptr, D_ptr,
     """A Mamba layer's decode step after its input projection: x and B read in place from their KV
     head's rows (no repeated copies); the conv window (b, di, K) shifted in place; conv, SiLU,
     softplus(Delta + bias), the state update, C . h + D x, the gate; y (b, di) for o_proj."""
-    b, d, n, mn, kv, G, sp, h, A2, (ox, oB, oC, oz, odt) = _layer_tile(state_ptr, A_ptr, p_ptr, DI, N, P, REP,
-                                                                       BLOCK_D, BLOCK_N)
+    b, d, n, mn, kv, G, sp, h, A2, ox, oB, oC, oz, odt = _layer_tile(state_ptr, A_ptr, p_ptr, DI, N, P, REP,
+                                                                     BLOCK_D, BLOCK_N)
     row, win = p_ptr + b * s_pb, conv_ptr + (b * DI + d) * K
     x_raw = tl.load(row + ox).to(conv_ptr.dtype.element_ty)
     x = tl.load(cb_ptr + d)
@@ -464,8 +464,8 @@ def _mamba_verify_kernel(state_ptr, conv_ptr, win_ptr, xp_ptr, tp_ptr, Bp_ptr, r
     state; then the new tokens: their raw x after the cached window into the conv window, conv, SiLU,
     outputs (b, l, di), writing no state, only their x and Delta over the replayed ones (a program's
     own channels: no other program reads them)."""
-    b, d, n, mn, kv, G, sp, h, A2, (ox, oB, oC, oz, odt) = _layer_tile(state_ptr, A_ptr, p_ptr, DI, N, P, REP,
-                                                                       BLOCK_D, BLOCK_N)
+    b, d, n, mn, kv, G, sp, h, A2, ox, oB, oC, oz, odt = _layer_tile(state_ptr, A_ptr, p_ptr, DI, N, P, REP,
+                                                                     BLOCK_D, BLOCK_N)
     bias, Dv = tl.load(bias_ptr + d), tl.load(D_ptr + d)
     prev, win = (b * DI + d) * W, win_ptr + (b * DI + d) * (K + W)  # this row's channels in x_prev, the window
     # stage 1: replay the accepted tokens of the previous verification (this row's count of them)
@@ -651,9 +651,9 @@ def _pieces(u, groups, n):
     (b, di, L), shortest = u.shape, 1 if PIECES else 1024
     if PIECES:
         pieces = PIECES
-    elif u.is_cuda:
-        sms = torch.cuda.get_device_properties(u.device).multi_processor_count
-        pieces = 2 ** int(math.log2(max(1, 8 * sms * _scan_blocks(di, groups, n, FWD)[0] // (b * di))))
+    elif u.is_cuda:  # measured (`python kernels.py prefill`): pieces pay only while one walk has fewer programs than SMs
+        sms, programs = torch.cuda.get_device_properties(u.device).multi_processor_count, b * di // _scan_blocks(di, groups, n, FWD)[0]
+        pieces = 2 ** int(math.log2(8 * sms // programs)) if programs < sms else 1
     else:
         return 1
     while pieces > 1 and (L % pieces or L // pieces < shortest):
@@ -795,6 +795,17 @@ def official(device):
     return selective_scan_cuda, official_step
 
 
+def official_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """mamba_ssm's Triton step with the contract of `selective_state_update_ref`: it takes a group's
+    channels as a head, so every tensor is viewed per head ((b, h, p, n) states, updated in place)."""
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    h = C.shape[1]
+    heads = lambda t, dim: t.unflatten(dim, (h, -1)) if t is not None else None
+    return selective_state_update(heads(state, 1), heads(x, 1), heads(dt, 1), heads(A, 0), B, C, heads(D, 0),
+                                  heads(z, 1), heads(dt_bias, 0), dt_softplus).flatten(1)
+
+
 class OfficialScanFn(torch.autograd.Function):
     """mamba_ssm's CUDA scan, called as its selective_scan_interface does (inputs contiguous in time)."""
 
@@ -833,7 +844,7 @@ def scan(u, delta, A, B, C, initial_state=None, **kw):
 
 def step(*args):
     if BACKEND == "mamba_ssm":
-        return mamba_step_ref(*args, update=official(args[0].device)[1])
+        return mamba_step_ref(*args, update=official_update)
     return (mamba_step if use_triton(args[0].device) else mamba_step_ref)(*args)
 
 
@@ -884,12 +895,16 @@ def benchmark():
     if not cuda:
         print("no GPU: a small smoke run through the Triton interpreter; numbers on a CPU mean little")
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, triton {triton.__version__}")
-    try:
-        official_step = official(dev)[1]
-        print("mamba_ssm imports: its kernels are timed beside mil's, on the same inputs, in interleaved rounds")
-    except RuntimeError as e:
-        official_step = None
-        print(f"mamba_ssm: not installed here ({e}); its columns say so")
+    sections = [a for a in sys.argv[1:] if not a.startswith("--")] or ["scan", "decode", "prefill"]
+    official_step, official_scan_ok = None, False
+    try:  # the Triton decode step needs only mamba_ssm's sources; the scan, its built selective_scan_cuda
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as official_step
+        official(dev)
+        official_scan_ok = True
+    except (ImportError, RuntimeError) as e:
+        print(f"mamba_ssm: {'only its decode step imports' if official_step else 'not installed here'} ({e})")
+    if official_step:
+        print("mamba_ssm's kernels are timed beside mil's, on the same inputs, in interleaved rounds")
     x = torch.empty(2 ** 30 if cuda else 2 ** 22, dtype=torch.uint8, device=dev)  # the memory ceiling
     print(f"copy bandwidth {2 * x.numel() / bench(lambda: x.clone()) / 1e9:.0f} GB/s")
     del x
@@ -902,8 +917,8 @@ def benchmark():
     print("\n| shape | b, channels, d_state, groups, L | pass | mil us | mamba_ssm us | mil / mamba_ssm |")
     print("| --- | --- | --- | --- | --- | --- |")
     errors = []
-    for name, (b, di, n, g, L) in shapes.items():
-        impls = {"mil": selective_scan} | ({"mamba_ssm": official_scan} if official_step else {})
+    for name, (b, di, n, g, L) in shapes.items() if "scan" in sections else ():
+        impls = {"mil": selective_scan} | ({"mamba_ssm": official_scan} if official_scan_ok else {})
         ins = {k: v.requires_grad_() for k, v in scan_inputs(b, di, n, g, L, dev).items()}
         ys = {k: fn(**ins, delta_softplus=True) for k, fn in impls.items()}
         dy = torch.randn_like(ys["mil"])
@@ -939,7 +954,7 @@ def benchmark():
     print("\n| decode step | batch | d_state (heads) | mil us | with mamba_ssm us | mil / mamba_ssm |")
     print("| --- | --- | --- | --- | --- | --- |")
     di = 2048 if cuda else 16
-    for n, heads in ((16, 128), (64, 32)) if cuda else ((4, 4),):
+    for n, heads in (((16, 128), (64, 32)) if cuda else ((4, 4),)) if "decode" in sections else ():
         for b in (1, 64) if cuda else (1, 4):
             r = lambda *s: torch.randn(*s, device=dev)
             kv = heads // 4 if heads >= 4 else 1
@@ -947,7 +962,7 @@ def benchmark():
             consts = (r(di, 4) / 4, r(di), -torch.rand(di, n, device=dev) - 0.5, r(di), r(di))
             t = side_by_side({"mil": lambda: graph_bench(lambda: mamba_step(state, conv, p, *consts, heads))} |
                              ({"mamba_ssm": lambda: graph_bench(lambda: mamba_step_ref(state, conv, p, *consts, heads,
-                                                                                       update=official_step))}
+                                                                                       update=official_update))}
                               if official_step else {}))
             print(f"| layer (conv, SiLU, update, gate) | {b} | {n} ({heads}) | {us(t['mil'])} | "
                   f"{us(t.get('mamba_ssm'))} | {ratio(t['mil'], t.get('mamba_ssm'))} |")
@@ -955,7 +970,7 @@ def benchmark():
             Bt, Ct = r(b, heads, n).bfloat16(), r(b, heads, n).bfloat16()
             args = (state, x, dt, consts[2], Bt, Ct, consts[3], z, consts[4], True)
             t = side_by_side({"mil": lambda: graph_bench(lambda: selective_state_update(*args))} |
-                             ({"mamba_ssm": lambda: graph_bench(lambda: official_step(*args))} if official_step else {}))
+                             ({"mamba_ssm": lambda: graph_bench(lambda: official_update(*args))} if official_step else {}))
             print(f"| selective_state_update | {b} | {n} ({heads}) | {us(t['mil'])} | "
                   f"{us(t.get('mamba_ssm'))} | {ratio(t['mil'], t.get('mamba_ssm'))} |")
             # Algorithm 2: the fused verification of K+1 = 5 tokens against 5 steps that save every state
@@ -979,8 +994,9 @@ def benchmark():
     global PIECES
     print("\n| prefill, no grad | b, channels, d_state, L | " + " | ".join(f"P={p} us" for p in (1, 2, 4, 8, 16, 32)) +
           " | auto |\n|" + " --- |" * 9)
-    for b, di, n, g, L in ((1, 2048, 16, 1, 8192), (1, 384, 64, 6, 8192), (1, 576, 64, 9, 8192), (1, 384, 64, 6, 32768),
-                           (8, 2048, 16, 1, 2048), (8, 2048, 16, 1, 8192), (4, 576, 64, 9, 2048)) if cuda else ((1, 16, 4, 2, 64),):
+    prefills = ((1, 2048, 16, 1, 8192), (1, 384, 64, 6, 8192), (1, 576, 64, 9, 8192), (1, 384, 64, 6, 32768),
+                (8, 2048, 16, 1, 2048), (8, 2048, 16, 1, 8192), (4, 576, 64, 9, 2048)) if cuda else ((1, 16, 4, 2, 64),)
+    for b, di, n, g, L in prefills if "prefill" in sections else ():
         ins = scan_inputs(b, di, n, g, L, dev)
         cells = []
         for pieces in (1, 2, 4, 8, 16, 32, 0):

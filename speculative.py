@@ -388,7 +388,11 @@ def main(argv=None):
         graphs = cfg["graphs"] and dev.type == "cuda"
         plain, pst = plain_generate(target, prompt, cfg["max_new_tokens"], temp, cfg["top_k"], gen, graphs)
         spec, st = speculative_generate(target, draft, prompt, cfg["max_new_tokens"], k, temp, cfg["top_k"], gen, graphs)
-        shown = lambda out: tok.decode(out[0, len(ids) if chat else 0:].tolist())
+        def shown(out):  # a chat model's reply, up to its first stop token
+            reply = out[0, len(ids) if chat else 0:].tolist()
+            ends = [i for i, t in enumerate(reply) if chat and t in tok.stop]
+            return tok.decode(reply[:ends[0] + 1] if ends else reply)
+
         print(f"plain ({pst['seconds']:.2f}s):\n{shown(plain)}\n")
         print(f"speculative, K={k} ({st['seconds']:.2f}s, {st['accepted']} of {st['tested']} tested drafts accepted, "
               f"{st['rounds']} verifications):\n{shown(spec)}")
