@@ -873,12 +873,14 @@ def test_data_parallel_trains_what_one_process_trains_and_resumes(tmp_path):
     """torchrun with 2 processes (gloo on the CPU): every rank draws the global batch and trains on its
     half, so the loss logs and weights equal one process's with the same global batch, and a run
     stopped by --stop_after resumes under torchrun. The cpu preset's teacher has dropout 0: masks drawn
-    per rank could not match one process's."""
-    distill.main(TINY + [f"--out_dir={tmp_path / 'one'}"])
-    run = torchrun(TINY + [f"--out_dir={tmp_path / 'two'}"])
+    per rank could not match one process's. On the CPU on every machine: two processes on one GPU
+    cannot share it under NCCL."""
+    cpu = TINY + ["--device=cpu"]
+    distill.main(cpu + [f"--out_dir={tmp_path / 'one'}"])
+    run = torchrun(cpu + [f"--out_dir={tmp_path / 'two'}"])
     assert run.returncode == 0 and "data-parallel over 2 processes (gloo)" in run.stdout, run.stderr[-2000:]
     for attempt in range(8):  # each run stops after 5 steps of its stage; the next resumes
-        run = torchrun(TINY + [f"--out_dir={tmp_path / 'killed'}", "--stop_after=5"])
+        run = torchrun(cpu + [f"--out_dir={tmp_path / 'killed'}", "--stop_after=5"])
         assert run.returncode == 0, run.stderr[-2000:]
         if "total" in run.stdout:
             break
