@@ -66,6 +66,7 @@ DEFAULTS = dict(
     targets="corpus",  # the text distilled on: corpus | teacher (its own generations: sequence-level KD) | mix (half each)
     # generations: how many teacher sequences to sample once (cached): the draft's training text, and the
     # students' with --targets=teacher or mix
+    align_steps=0,  # before stage 1: each Mamba layer alone to its attention layer's output (not in the paper)
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
     draft_layers=1,  # the speculative-decoding draft's layers (README: 1 vs 2 on the H200)
     ablate=False,
@@ -303,6 +304,29 @@ def distill_loss(student, teacher, data, cfg, pool=None, alpha=None, beta=None):
     return loss_fn
 
 
+def align_loss(student, teacher, data, cfg, pool=None):
+    """The alignment stage (MOHAWK's and LoLCATs' first stage; the paper has none): every Mamba layer of
+    the student, all at once, learns to reproduce the output of the attention layer it replaces, from
+    the same input, the teacher's own normalized hidden state at that layer, recomputed per batch by a
+    teacher forward (nothing is cached). Per layer: the mean squared error over the attention output's
+    mean square; averaged over the layers."""
+    layers = [i for i in range(teacher.cfg.n_layer) if i not in student.cfg.attn_layers]
+
+    def loss_fn(model, gen):  # the student's mixers are called directly: one process only (resolve says so)
+        x, _ = data.batch(cfg["batch_size"], gen, pool)
+        seen = {}
+        hooks = [teacher.layers[i].mixer.register_forward_hook(lambda m, args, out, i=i: seen.update({i: (args[0], out)}))
+                 for i in layers]
+        with torch.no_grad():
+            teacher(x)
+        for hook in hooks:
+            hook.remove()
+        return sum(F.mse_loss(student.layers[i].mixer(h).float(), out.float()) / out.float().pow(2).mean()
+                   for i, (h, out) in seen.items()) / len(layers)
+
+    return loss_fn
+
+
 def trainable(model, which):
     """which: mamba (stage 1: only the Mamba layers train; MLPs, norms, embeddings frozen) | all."""
     for name, p in model.named_parameters():
@@ -337,14 +361,21 @@ def teacher_stage(cfg, data, mcfg):
 
 
 def student_stage(cfg, data, teacher, name, attn_layers, prev=None, init="attention", freeze="mamba", steps=None,
-                  pool=None, conv_init=None, alpha=None, beta=None, save=True):
+                  pool=None, conv_init=None, alpha=None, beta=None, save=True, align=None):
     """Stage 1 (freeze="mamba") or an ablation run: a hybrid from the teacher (and the previous
-    student, stepwise), distilled with Eq. 2."""
+    student, stepwise), first aligned layer by layer for `align` steps (default --align_steps), then
+    distilled with Eq. 2."""
     expect = mil.hybrid_config(teacher.cfg, attn_layers, conv_init)
     if save and (done := finished(cfg, data, name, expect)):
         return done
     torch.manual_seed(cfg["seed"])
     model = mil.hybrid_from_teacher(teacher, attn_layers, init=init, student=prev, conv_init=conv_init)
+    align = cfg["align_steps"] if align is None else align
+    if align and not (save and (aligned := finished(cfg, data, name + "_aligned", expect))):
+        train(name + "_aligned", model, cfg, data, align, cfg["distill_lr"], align_loss(model, teacher, data, cfg, pool),
+              trainable(model, "mamba"), save=save)
+    elif align:
+        model = aligned
     train(name, model, cfg, data, steps or cfg["distill_steps"], cfg["distill_lr"],
           distill_loss(model, teacher, data, cfg, pool, alpha, beta), trainable(model, freeze), save=save)
     return model
@@ -461,7 +492,9 @@ def ablations(cfg, data, teacher, students, generations):
     windows = data.val_windows(L, cfg["eval_windows"])
     ppl = lambda m: math.exp(evaluate(m, windows)[0])
     t_ppl = ppl(teacher)
-    run = lambda name, layers, **kw: student_stage(cfg, data, teacher, "ablate_" + name, layers, steps=steps, save=False, **kw)
+    run = lambda name, layers, **kw: student_stage(cfg, data, teacher, "ablate_" + name, layers,
+                                                   **{"steps": steps, "save": False, "align": 0, **kw})
+    aligned = lambda name, layers: run(name, layers, align=steps // 2, steps=steps - steps // 2)  # the same budget
     fmt = lambda p: f"{p:.2f} ({p / t_ppl:.3f}x)"
     out = [f"Validation perplexity (ratio to the teacher's {t_ppl:.2f}), every student trained {steps} steps.\n",
            "| model | attention init, frozen MLP | attention init, trainable MLP | random init, frozen MLP | random init, trainable MLP |",
@@ -483,6 +516,8 @@ def ablations(cfg, data, teacher, students, generations):
     variants = [  # Table 7, right; the targets; the loss; the conv's initialization; Table 9
         ("25%: stepwise (from the 50% student)", run("25_stepwise", quarter, prev=base)),
         ("25%: one jump from the teacher", run("25_jump", quarter)),
+        (f"25%: one jump, {steps // 2} alignment steps + {steps - steps // 2} of stage 1", aligned("25_aligned", quarter)),
+        (f"50%: {steps // 2} alignment steps + {steps - steps // 2} of stage 1", aligned("50_aligned", half)),
         ("50%: interleaved (layers " + ",".join(map(str, half)) + ")", base),
         ("50%: contiguous (layers " + ",".join(map(str, range(n - len(half), n))) + ")",
          run("50_contiguous", tuple(range(n - len(half), n)))),
@@ -533,7 +568,7 @@ def resolve(argv):
     for key in positive:
         need(cfg, key, cfg[key] >= 1, "takes a positive integer")
     need(cfg, "batch_size", cfg["batch_size"] % WORLD == 0, f"takes a multiple of the {WORLD} processes (the global batch)")
-    for key in ("ft_steps", "warmup", "stop_after", "draft_layers"):
+    for key in ("ft_steps", "warmup", "stop_after", "draft_layers", "align_steps"):
         need(cfg, key, cfg[key] >= 0, "takes 0 or more")
     for key in ("lr", "distill_lr", "grad_clip"):
         need(cfg, key, cfg[key] > 0, "takes a positive number")
@@ -544,6 +579,7 @@ def resolve(argv):
         need(cfg, key, cfg[key] >= 0 and cfg["alpha"] + cfg["beta"] > 0, "takes 0 or more, alpha + beta > 0")
     need(cfg, "targets", cfg["targets"] in ("corpus", "teacher", "mix"), "takes corpus, teacher or mix")
     need(cfg, "bench", cfg["bench"] in ("", "train"), "takes train (or nothing: the pipeline)")
+    need(cfg, "align_steps", cfg["align_steps"] == 0 or WORLD == 1, "runs in one process (not under torchrun)")
     if teacher == "toy":
         need(cfg, "d_model", cfg["d_model"] % cfg["n_head"] == 0, f"takes a multiple of --n_head={cfg['n_head']}")
         need(cfg, "n_head", cfg["n_head"] % cfg["n_kv_head"] == 0, f"takes a multiple of --n_kv_head={cfg['n_kv_head']}")

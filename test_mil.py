@@ -10,6 +10,7 @@ import json
 import math
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
@@ -611,6 +612,7 @@ BAD_OPTIONS = [  # (argv, what the one-line message must say)
     (["--targets=web"], "--targets=web: takes corpus, teacher or mix"),
     (["--scan=cuda"], "--scan=cuda: scan backend must be auto, triton, ref or mamba_ssm"),
     (["--bench=infer"], "--bench=infer: takes train"),
+    (["--align_steps=-1"], "--align_steps=-1: takes 0 or more"),
     (["--teacher=/no/such/model.gguf"], "--teacher=/no/such/model.gguf: no model at"),
     (["--teacher=smollm2", "--n_layer=4"], "--n_layer=4: a pretrained teacher brings its own architecture"),
 ] + ([] if GPU else [(["--device=cuda"], "--device=cuda: takes cpu, or cuda on a machine with a CUDA GPU"),
@@ -636,6 +638,40 @@ def test_bad_options_exit_nonzero_without_a_traceback(tmp_path):
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
         assert run.stderr.strip().splitlines()[-1].startswith("--"), run.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_alignment_loss_is_each_mamba_layers_error_against_its_attention_layer():
+    """--align_steps: the loss is, per Mamba layer, the MSE between its mixer's output and the
+    teacher's attention output from the teacher's own normalized input there (computed here by
+    walking the teacher's blocks), over that output's mean square; training on it moves only the
+    Mamba mixers and lowers it."""
+    teacher = trained_looking(mil.Model(small_config())).requires_grad_(False)
+    student = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3))
+    idx = torch.randint(0, 4096, (2, 16))
+    data = SimpleNamespace(batch=lambda batch_size, gen, pool: (idx, idx))
+    loss_fn = distill.align_loss(student, teacher, data, dict(batch_size=2))
+    x, rope = teacher.embed(idx), mil.rope_tables(teacher.inv_freq, torch.arange(16), torch.float32)
+    errors = []
+    for i, block in enumerate(teacher.layers):
+        if i in (0, 2):
+            h = block.attn_norm(x)
+            want = block.mixer(h, rope)
+            errors.append(F.mse_loss(student.layers[i].mixer(h), want) / want.pow(2).mean())
+        x = block(x, rope)
+    torch.testing.assert_close(loss_fn(student, None), sum(errors) / 2)
+    params = distill.trainable(student, "mamba")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    opt = torch.optim.Adam(params, lr=1e-3)
+    losses = []
+    for _ in range(20):
+        loss = loss_fn(student, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("layers.0.mixer.", "layers.2.mixer.")) for k in changed), changed
 
 
 def test_checkpoint_with_another_config_is_refused(tmp_path):
