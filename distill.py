@@ -94,8 +94,8 @@ class Data:
         streams = tokens if isinstance(tokens, list) else [self.train if tokens is None else tokens]
         windows = []
         for k, s in enumerate(streams):
-            i = torch.randint(len(s) - self.block_size - 1, (batch_size // len(streams) + (k < batch_size % len(streams)),),
-                              generator=gen)
+            share = batch_size // len(streams) + (k < batch_size % len(streams))
+            i = torch.randint(len(s) - self.block_size - 1, (share,), generator=gen)
             windows += [s[j:j + self.block_size + 1] for j in i.tolist()]
         w = torch.stack(windows).to(self.device)
         return w[:, :-1], w[:, 1:]
@@ -371,11 +371,12 @@ def student_stage(cfg, data, teacher, name, attn_layers, prev=None, init="attent
     torch.manual_seed(cfg["seed"])
     model = mil.hybrid_from_teacher(teacher, attn_layers, init=init, student=prev, conv_init=conv_init)
     align = cfg["align_steps"] if align is None else align
-    if align and not (save and (aligned := finished(cfg, data, name + "_aligned", expect))):
-        train(name + "_aligned", model, cfg, data, align, cfg["distill_lr"], align_loss(model, teacher, data, cfg, pool),
-              trainable(model, "mamba"), save=save)
-    elif align:
-        model = aligned
+    if align:
+        if save and (aligned := finished(cfg, data, name + "_aligned", expect)):
+            model = aligned
+        else:
+            train(name + "_aligned", model, cfg, data, align, cfg["distill_lr"],
+                  align_loss(model, teacher, data, cfg, pool), trainable(model, "mamba"), save=save)
     train(name, model, cfg, data, steps or cfg["distill_steps"], cfg["distill_lr"],
           distill_loss(model, teacher, data, cfg, pool, alpha, beta), trainable(model, freeze), save=save)
     return model
@@ -637,6 +638,8 @@ def bench_train(cfg, data, teacher):
     except RuntimeError as e:
         print(f"mamba_ssm: not timed ({e})")
 
+    sync = torch.cuda.synchronize if data.device.type == "cuda" else lambda: None
+
     def step():
         with autocast:
             loss = loss_fn(student, gen)
@@ -649,10 +652,11 @@ def bench_train(cfg, data, teacher):
         for backend in backends:
             kernels.BACKEND, gen = backend, torch.Generator().manual_seed(cfg["seed"])
             step()  # compiles, warms up
+            sync()
             t0 = time.perf_counter()
             for _ in range(3):
                 step()
-            torch.cuda.synchronize() if data.device.type == "cuda" else None
+            sync()
             times[backend].append((time.perf_counter() - t0) / 3)
     tokens = cfg["batch_size"] * cfg["block_size"]
     ref = "mamba_ssm" if "mamba_ssm" in times else backends[0]
@@ -664,7 +668,7 @@ def bench_train(cfg, data, teacher):
         if data.device.type == "cuda":
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 step()
-                torch.cuda.synchronize()
+                sync()
             total = sum(e.self_device_time_total for e in prof.key_averages())
             share = f"{sum(e.self_device_time_total for e in prof.key_averages() if 'scan' in e.key) / total:.0%}"
         t = min(ts)

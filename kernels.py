@@ -652,7 +652,8 @@ def _pieces(u, groups, n):
     if PIECES:
         pieces = PIECES
     elif u.is_cuda:  # measured (`python kernels.py prefill`): pieces pay only while one walk has fewer programs than SMs
-        sms, programs = torch.cuda.get_device_properties(u.device).multi_processor_count, b * di // _scan_blocks(di, groups, n, FWD)[0]
+        sms = torch.cuda.get_device_properties(u.device).multi_processor_count
+        programs = b * di // _scan_blocks(di, groups, n, FWD)[0]
         pieces = 2 ** int(math.log2(8 * sms // programs)) if programs < sms else 1
     else:
         return 1
@@ -737,7 +738,7 @@ def mamba_verify(state, conv, conv_window, x_prev, dt_prev, B_prev, replay, xBCz
         state, conv, conv_window, x_prev, dt_prev, B_prev, replay, xBCzdt, conv_weight, conv_bias, A, D, dt_bias, out,
         l, w, di, n, p, heads // g, xBCzdt.stride(0), xBCzdt.stride(1), K=conv.shape[-1], BLOCK_D=block_d,
         BLOCK_N=block_n, num_warps=WARPS)
-    B_prev[..., :l] = rearrange(_fields(xBCzdt, heads, n, di)[1], "b l g n -> b g n l")  # after the kernel's replay
+    B_prev[..., :l] = rearrange(xBCzdt[..., g * p:g * (p + n)], "b l (g n) -> b g n l", n=n)  # after the kernel's replay
     return out
 
 
@@ -762,7 +763,17 @@ def say_once(msg):
         print(msg, file=sys.stderr)
 
 
+_chosen = {}  # (BACKEND, device type) -> use_triton's answer, decided (and said) once: it runs per layer and step
+
+
 def use_triton(device):
+    key = (BACKEND, device.type)
+    if key not in _chosen:  # a refusal raises here, every time
+        _chosen[key] = _choose(device)
+    return _chosen[key]
+
+
+def _choose(device):
     if BACKEND not in ("auto", "triton", "ref", "mamba_ssm"):
         raise ValueError(f"scan backend must be auto, triton, ref or mamba_ssm; got {BACKEND!r}")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"

@@ -372,9 +372,9 @@ class Caches(list):
         self.conv = torch.zeros(len(mamba), batch, di, k, device=device, dtype=dtype)  # the last k conv inputs
         self.conv_window = torch.zeros(len(mamba), batch, di, k + w, device=device, dtype=dtype) if draft_len else None
         self.replay = torch.zeros(batch, dtype=torch.int32, device=device)  # verified tokens to replay (Algorithm 2)
-        # what decoding reads, derived once from the weights training updates (issue: a step costs about its
-        # number of kernels): per layer the MLP's gate and up rows as one weight, per Mamba layer its fused
-        # inputs (MambaMixer.decode_weights). Lists: constants, which graphs need not restore (not cache memory)
+        # what decoding reads, derived once from the weights training updates, as fewer kernels make a faster
+        # step: per layer the MLP's gate and up rows as one weight, per Mamba layer its fused inputs
+        # (MambaMixer.decode_weights). Lists: constants, which graphs need not restore (not cache memory)
         self.gate_up = [torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]).detach().to(device, dtype)
                         for b in model.layers]  # (2 d_ff, d) each
         self.mamba = [model.layers[i].mixer.decode_weights(device, dtype) for i in mamba]
@@ -571,9 +571,9 @@ class MambaMixer(nn.Module):
         dt = self.dt_proj.weight.float() @ self.dt_in_proj.weight.float()  # (di, d)
         rows = [self.v_proj.weight, self.k_proj.weight, self.q_proj.weight, self.z_proj.weight, dt]
         f32 = lambda t: t.float().contiguous().to(device)
-        return SimpleNamespace(in_proj=torch.cat([w.to(dtype) for w in rows]).to(device), conv_weight=f32(self.conv1d.weight[:, 0]),
-                               conv_bias=f32(self.conv1d.bias), A=f32(-torch.exp(self.A_log.float())), D=f32(self.D),
-                               dt_bias=f32(self.dt_proj.bias))
+        return SimpleNamespace(in_proj=torch.cat([w.to(dtype) for w in rows]).to(device),
+                               conv_weight=f32(self.conv1d.weight[:, 0]), conv_bias=f32(self.conv1d.bias),
+                               A=f32(-torch.exp(self.A_log.float())), D=f32(self.D), dt_bias=f32(self.dt_proj.bias))
 
     def decode(self, o, cache):
         """With caches: one GEMM for all the layer's inputs, then a decode step (one fused kernel),
