@@ -8,6 +8,7 @@ Shakespeare, or a real pretrained one (SmolLM2-135M-Instruct, or any local GGUF 
     python distill.py --teacher=smollm2  the same from SmolLM2-135M-Instruct (no stage 0), evaluated on
                                          held-out plays and on the teacher's own held-out generations
     python distill.py --ablate           then the paper's ablations as markdown tables
+    python distill.py --mixer=mamba1,mamba2   Mamba-1 and Mamba-2 (Mamba2InLlama) hybrids, one table
     torchrun --standalone --nproc_per_node=N distill.py ...   the same, data-parallel over N processes
 
 Finished stages are skipped on a rerun; an interrupted stage resumes from its last checkpoint.
@@ -44,6 +45,7 @@ PRESETS = {
                     ft_steps=100, draft_steps=1500, generations=1024, ablate_steps=200, eval_windows=128,
                     attn_fractions="0.5,0.25", targets="mix"),
 }
+SUFFIX = {"mamba1": "", "mamba2": "_m2"}  # of a hybrid's checkpoint name, per mixer
 ARCH = ("n_layer", "d_model", "n_head", "n_kv_head")  # the toy teacher's; a pretrained one brings its own
 DEFAULTS = dict(
     teacher="toy",  # toy (stage 0 trains it here) | smollm2 | a .gguf file | a Hugging Face Llama directory
@@ -61,6 +63,7 @@ DEFAULTS = dict(
     ckpt_every=100,  # resume checkpoint every N steps
     stop_after=0,  # stop a stage after N steps of this run, as if killed (a rerun resumes); 0: never
     attn_fractions="0.5,0.25,0.125",  # stepwise: each student starts from the previous one (§3)
+    mixer="mamba1",  # the hybrids' Mamba layers: mamba1 | mamba2 (Mamba2InLlama's; attn50_m2, ...) | mamba1,mamba2
     alpha=0.0,  # Eq. 2: alpha * CE(targets) + beta * KL(teacher || student); the paper's 1 and 0.1. Pure KL
     beta=1.0,  # is as good in perplexity (README) and its hybrids follow the teacher, and so the draft, closer
     targets="corpus",  # the text distilled on: corpus | teacher (its own generations: sequence-level KD) | mix (half each)
@@ -361,15 +364,16 @@ def teacher_stage(cfg, data, mcfg):
 
 
 def student_stage(cfg, data, teacher, name, attn_layers, prev=None, init="attention", freeze="mamba", steps=None,
-                  pool=None, conv_init=None, alpha=None, beta=None, save=True, align=None):
+                  pool=None, conv_init=None, alpha=None, beta=None, save=True, align=None, mixer=None):
     """Stage 1 (freeze="mamba") or an ablation run: a hybrid from the teacher (and the previous
     student, stepwise), first aligned layer by layer for `align` steps (default --align_steps), then
     distilled with Eq. 2."""
-    expect = mil.hybrid_config(teacher.cfg, attn_layers, conv_init)
+    mixer = cfg["mixers"][0] if mixer is None else mixer
+    expect = mil.hybrid_config(teacher.cfg, attn_layers, conv_init, mixer)
     if save and (done := finished(cfg, data, name, expect)):
         return done
     torch.manual_seed(cfg["seed"])
-    model = mil.hybrid_from_teacher(teacher, attn_layers, init=init, student=prev, conv_init=conv_init)
+    model = mil.hybrid_from_teacher(teacher, attn_layers, init=init, student=prev, conv_init=conv_init, mixer=mixer)
     align = cfg["align_steps"] if align is None else align
     if align:
         if save and (aligned := finished(cfg, data, name + "_aligned", expect)):
@@ -579,6 +583,9 @@ def resolve(argv):
     for key in ("alpha", "beta"):
         need(cfg, key, cfg[key] >= 0 and cfg["alpha"] + cfg["beta"] > 0, "takes 0 or more, alpha + beta > 0")
     need(cfg, "targets", cfg["targets"] in ("corpus", "teacher", "mix"), "takes corpus, teacher or mix")
+    cfg["mixers"] = cfg["mixer"].split(",")
+    need(cfg, "mixer", len(set(cfg["mixers"])) == len(cfg["mixers"]) and set(cfg["mixers"]) <= set(SUFFIX),
+         "takes mamba1, mamba2 or both, comma-separated")
     need(cfg, "bench", cfg["bench"] in ("", "train"), "takes train (or nothing: the pipeline)")
     need(cfg, "align_steps", cfg["align_steps"] == 0 or WORLD == 1, "runs in one process (not under torchrun)")
     if teacher == "toy":
@@ -628,7 +635,7 @@ def bench_train(cfg, data, teacher):
     KL) with each scan backend that runs here, timed in interleaved rounds on the same batches (random
     Mamba weights: speed depends only on the shapes); on a GPU, the scan kernels' share of the step."""
     teacher.requires_grad_(False).eval()
-    student = mil.hybrid_from_teacher(teacher, mil.kept_attention(teacher.cfg.n_layer, 0.5))
+    student = mil.hybrid_from_teacher(teacher, mil.kept_attention(teacher.cfg.n_layer, 0.5), mixer=cfg["mixers"][0])
     loss_fn, params = distill_loss(student, teacher, data, cfg), trainable(student, "mamba")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if data.device.type == "cuda" else nullcontext()
     backends = ["triton"] * (data.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") + ["ref"]
@@ -700,13 +707,16 @@ def main(argv=None):
     needed = cfg["draft_layers"] or cfg["targets"] != "corpus" or cfg["ablate"]  # the draft's, the students' text
     generations = teacher_generations(cfg, data, teacher, "generations", cfg["generations"]) if needed else None
     pool = {"corpus": None, "teacher": generations, "mix": [data.train, generations]}[cfg["targets"]]
-    students, prev = [], None
-    for frac in fractions:
-        name = f"attn{round(frac * 100)}"
-        prev = student_stage(cfg, data, teacher, name, mil.kept_attention(teacher.cfg.n_layer, frac), prev, pool=pool)
-        students.append((name, prev))
-        if cfg["finetune"]:
-            students.append((name + "_ft", finetune_stage(cfg, data, teacher, prev, name + "_ft", pool)))
+    students = []
+    for mixer in cfg["mixers"]:  # both variants: one table, the same budget
+        prev = None
+        for frac in fractions:
+            name = f"attn{round(frac * 100)}{SUFFIX[mixer]}"
+            prev = student_stage(cfg, data, teacher, name, mil.kept_attention(teacher.cfg.n_layer, frac), prev,
+                                 pool=pool, mixer=mixer)
+            students.append((name, prev))
+            if cfg["finetune"]:
+                students.append((name + "_ft", finetune_stage(cfg, data, teacher, prev, name + "_ft", pool)))
     if cfg["draft_layers"]:
         students.append(("draft", draft_stage(cfg, data, teacher, generations)))
     if dist.is_initialized():  # rank 0 evaluates

@@ -107,6 +107,31 @@ def selective_state_verify_ref(state, x_prev, dt_prev, B_prev, replay, x, dt, A,
     return y
 
 
+
+def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
+                 return_last_state=False):
+    """Mamba-2's scan in mamba_ssm's layout (`mamba_chunk_scan_combined`'s), a float32 loop over time.
+    One scalar decay per head and step: h_t = exp(Delta_t A) h_{t-1} + Delta_t x_t B_t^T, a (p, n) state
+    per head, y_t = h_t C_t + D x_t, times silu(z_t). x, z (b, l, h, p); dt (b, l, h); A, dt_bias (h,);
+    B, C (b, l, g, n), head i reading group i // (h / g); D (h,) or (h, p); states (b, h, p, n)."""
+    (b, l, h, p), (g, n) = x.shape, B.shape[2:]
+    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
+    dt = F.softplus(dt) if dt_softplus else dt  # (b, l, h)
+    B, C = (t.float().repeat_interleave(h // g, dim=2) for t in (B, C))  # (b, l, h, n)
+    state = initial_state.float() if initial_state is not None else x.new_zeros(b, h, p, n, dtype=torch.float32)
+    ys = []
+    for t in range(l):  # over time
+        decay = torch.exp(dt[:, t] * A.float())[..., None, None]  # (b, h, 1, 1)
+        state = decay * state + (dt[:, t, :, None] * x[:, t].float())[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    y = torch.stack(ys, dim=1)  # (b, l, h, p)
+    if D is not None:
+        y = y + (D.float()[:, None] if D.dim() == 1 else D.float()) * x.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return (y.to(x.dtype), state) if return_last_state else y.to(x.dtype)
+
+
 # A Mamba layer's decoding, from its one input projection xBCzdt (b, g p + g n + h n + 2 di) per token:
 # x and B per KV head (g of them), C per head, z and Delta per channel (di = h p; head i reads KV head
 # i // (h / g), as GQA pairs them). mil.py derives that projection's weight once per caches.
@@ -851,6 +876,25 @@ def scan(u, delta, A, B, C, initial_state=None, **kw):
         return official_scan(u, delta, A, B, C, **kw)
     fn = selective_scan if use_triton(u.device) else selective_scan_ref
     return fn(u, delta, A, B, C, initial_state=initial_state, **kw)
+
+
+
+def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
+             return_last_state=False):
+    """Mamba-2's scan with the contract of `ssd_scan_ref`. mil has no SSD kernel yet: the recurrence is
+    Mamba-1's with Delta and A the same for every channel of a head, so this is `scan` (Triton on a
+    GPU) over the h p channels, and says so once."""
+    say_once("Mamba-2 runs on the Mamba-1 scan: Delta and A broadcast over each head's channels (no SSD kernel yet)")
+    (b, l, h, p), n = x.shape, B.shape[-1]
+    per_channel = lambda t: t.repeat_interleave(p, dim=-1) if t is not None else None  # (.., h) -> (.., h p)
+    by_time = lambda t: rearrange(t, "b l ... -> b (...) l") if t is not None else None
+    y, last = scan(by_time(x), by_time(per_channel(dt)), per_channel(A.float())[:, None].expand(h * p, n),
+                   rearrange(B, "b l g n -> b g n l"), rearrange(C, "b l g n -> b g n l"),
+                   D=D.flatten() if D is not None and D.dim() == 2 else per_channel(D), z=by_time(z),
+                   delta_bias=per_channel(dt_bias), delta_softplus=dt_softplus, return_last_state=True,
+                   initial_state=initial_state.flatten(1, 2) if initial_state is not None else None)
+    y = rearrange(y, "b (h p) l -> b l h p", p=p)
+    return (y, last.unflatten(1, (h, p))) if return_last_state else y
 
 
 def step(*args):

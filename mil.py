@@ -283,6 +283,7 @@ class Config:
     d_conv: int = 4  # Mamba's causal depthwise conv width
     dt_rank: int = 0  # 0: ceil(d_model / 16), Mamba's default
     conv_init: str = "identity"  # identity | default (PyTorch's, as the official code)
+    mixer: str = "mamba1"  # the hybrids' Mamba layers: mamba1 (MambaMixer) | mamba2 (Mamba2Mixer)
     rope_theta: float = 10000.0
     rope_scaling: tuple = None  # Llama 3.1's "llama3": (factor, low_freq_factor, high_freq_factor, original context)
     norm_eps: float = 1e-5
@@ -297,6 +298,7 @@ class Config:
         self.attn_layers = tuple(range(self.n_layer)) if self.attn_layers is None else tuple(sorted(self.attn_layers))
         assert all(0 <= i < self.n_layer for i in self.attn_layers), self.attn_layers
         assert self.conv_init in ("identity", "default"), self.conv_init
+        assert self.mixer in ("mamba1", "mamba2"), self.mixer
 
     def to_dict(self):  # the fields a checkpoint stores (derived ones are rebuilt)
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
@@ -368,9 +370,9 @@ class Caches(list):
         self.cos, self.sin = rope_tables(model.inv_freq.to(device), self.steps, dtype) if cfg.attn_layers else \
             (None, None)  # (room, 1, e) each; a model without attention has no positions to encode
         self.blocked = torch.tensor(-math.inf, dtype=dtype, device=device)  # the mask where a query must not look
-        di, w = cfg.n_head * cfg.head_dim, draft_len + 1  # with draft_len K: the K+1 verified tokens
-        self.conv = torch.zeros(len(mamba), batch, di, k, device=device, dtype=dtype)  # the last k conv inputs
-        self.conv_window = torch.zeros(len(mamba), batch, di, k + w, device=device, dtype=dtype) if draft_len else None
+        c, w = conv_channels(cfg), draft_len + 1  # with draft_len K: the K+1 verified tokens
+        self.conv = torch.zeros(len(mamba), batch, c, k, device=device, dtype=dtype)  # the last k conv inputs
+        self.conv_window = torch.zeros(len(mamba), batch, c, k + w, device=device, dtype=dtype) if draft_len else None
         self.replay = torch.zeros(batch, dtype=torch.int32, device=device)  # verified tokens to replay (Algorithm 2)
         # what decoding reads, derived once from the weights training updates, as fewer kernels make a faster
         # step: per layer the MLP's gate and up rows as one weight, per Mamba layer its fused inputs
@@ -473,6 +475,25 @@ class MLP(nn.Module):  # SwiGLU
 # The Mamba mixer, laid out so that an attention layer's weights drop into it (Algorithm 1, PAPER §2)
 
 
+def conv_channels(cfg):  # what a Mamba layer's conv runs over: x (Mamba-1), or x, B and C (Mamba-2)
+    return (cfg.n_head + (2 * cfg.n_kv_head if cfg.mixer == "mamba2" else 0)) * cfg.head_dim
+
+
+@torch.no_grad()
+def init_dt_bias_and_conv(dt_bias, conv1d, conv_init):
+    """What both Mamba mixers initialize alike: Delta's bias so that softplus(bias) is log-uniform in
+    [1e-3, 0.1] (Mamba's), and the conv as the identity, conv(x)_t = x_t (so that the layer starts from
+    its attention projections), or PyTorch's default."""
+    dt = torch.exp(torch.rand(dt_bias.numel()) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    if conv_init == "identity":
+        conv1d.weight.zero_()
+        conv1d.weight[:, 0, -1] = 1.0
+        conv1d.bias.zero_()
+    else:
+        conv1d.reset_parameters()
+
+
 class MambaCache:
     """Recurrent state of one Mamba layer: the SSM state (float32) and its rows of the stacked conv
     inputs. With draft_len K it also holds what Algorithm 2 needs for speculative verification: the
@@ -480,14 +501,21 @@ class MambaCache:
     whose accepted prefix the next verification replays into the committed state."""
 
     def __init__(self, caches, j, cfg, batch, device, dtype):
-        di, n, g, w = cfg.n_head * cfg.head_dim, cfg.head_dim, cfg.n_kv_head, caches.draft_len + 1
-        self.seq, self.j, self.conv, self.replay = caches, j, caches.conv[j], caches.replay  # conv (b, di, d_conv-1)
-        self.ssm = torch.zeros(batch, di, n, device=device, dtype=torch.float32)  # (b, di, n): committed state
+        h, e, g, w = cfg.n_head, cfg.head_dim, cfg.n_kv_head, caches.draft_len + 1
+        self.seq, self.j, self.conv, self.replay = caches, j, caches.conv[j], caches.replay  # conv (b, c, d_conv-1)
+        zeros = lambda *shape, dtype=dtype: torch.zeros(batch, *shape, device=device, dtype=dtype)
+        if cfg.mixer == "mamba2":  # mamba_ssm's layout: a (p, n) state per head; x, Delta, B per token
+            self.ssm = zeros(h, e, e, dtype=torch.float32)  # (b, h, p, n): committed state
+            if caches.draft_len:
+                self.conv_window = caches.conv_window[j]  # (b, c, d_conv-1 + K+1)
+                self.x, self.dt, self.B = zeros(w, h, e), zeros(w, h, dtype=torch.float32), zeros(w, h, e)
+            return
+        self.ssm = zeros(h * e, e, dtype=torch.float32)  # (b, di, n): committed state
         if caches.draft_len:
             self.conv_window = caches.conv_window[j]  # (b, di, d_conv-1 + K+1)
-            self.x = torch.zeros(batch, di, w, device=device, dtype=dtype)  # after conv and SiLU
-            self.dt = torch.zeros(batch, di, w, device=device, dtype=dtype)
-            self.B = torch.zeros(batch, g, n, w, device=device, dtype=dtype)  # per KV head
+            self.x = zeros(h * e, w)  # after conv and SiLU
+            self.dt = zeros(h * e, w)
+            self.B = zeros(g, e, w)  # per KV head
 
 
 class MambaMixer(nn.Module):
@@ -521,16 +549,9 @@ class MambaMixer(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, e + 1, dtype=torch.float32)).repeat(di, 1))  # S4D-real
         self.D.fill_(1.0)
         nn.init.uniform_(self.dt_proj.weight, -r ** -0.5, r ** -0.5)
-        dt = torch.exp(torch.rand(di) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) = dt in [1e-3, 0.1]
+        init_dt_bias_and_conv(self.dt_proj.bias, self.conv1d, self.cfg.conv_init)
         nn.init.kaiming_uniform_(self.dt_in_proj.weight, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.z_proj.weight, a=math.sqrt(5))
-        if self.cfg.conv_init == "identity":  # conv(x)_t = x_t: the layer starts from x = silu(W_V o)
-            self.conv1d.weight.zero_()
-            self.conv1d.weight[:, 0, -1] = 1.0
-            self.conv1d.bias.zero_()
-        else:
-            self.conv1d.reset_parameters()
 
     def forward(self, o, rope=None, cache=None):  # o (b, l, d); rope is unused: no positions here
         if cache is not None:
@@ -594,6 +615,104 @@ class MambaMixer(nn.Module):
         return y
 
 
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 as the official Mamba2InLlama lays it out (PAPER §2): one SSM head per query head with a
+    (head_dim x head_dim) state, as in linear attention, and one decay A and step Delta per head. The
+    attention names as in MambaMixer (v_proj -> x, k_proj -> B, q_proj -> C, o_proj); the conv runs over
+    x, B and C at their projected widths, then x and B are repeated to the query heads; the gate z goes
+    through a gated RMSNorm per head, y = RMSNorm(y * silu(z)), not into the scan."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        h, g, e, d, c = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model, conv_channels(cfg)
+        self.q_proj = nn.Linear(d, h * e, bias=False)  # -> C   (from W_Q)
+        self.k_proj = nn.Linear(d, g * e, bias=False)  # -> B   (from W_K)
+        self.v_proj = nn.Linear(d, g * e, bias=False)  # -> x   (from W_V)
+        self.o_proj = nn.Linear(h * e, d, bias=False)  # output (from W_O)
+        self.z_proj = nn.Linear(d, h * e, bias=False)  # new: the gate z
+        self.dt_proj = nn.Linear(d, h, bias=True)  # new: Delta, one per head; the bias is passed to the scan
+        self.conv1d = nn.Conv1d(c, c, cfg.d_conv, groups=c, bias=True)  # new: causal depthwise conv of x, B, C
+        self.A_log = nn.Parameter(torch.zeros(h))  # new: A = -exp(A_log), one per head
+        self.D = nn.Parameter(torch.ones(h))  # new: skip connection, one per head
+        self.norm_weight = nn.Parameter(torch.ones(h * e))  # new: the gated RMSNorm's weight
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """The official variant's initialization of the pieces attention does not have."""
+        h = self.D.numel()
+        self.A_log.copy_(torch.log(torch.empty(h).uniform_(1, 16)))
+        self.D.fill_(1.0)
+        self.norm_weight.fill_(1.0)
+        init_dt_bias_and_conv(self.dt_proj.bias, self.conv1d, self.cfg.conv_init)
+        for proj in (self.dt_proj, self.z_proj):
+            nn.init.kaiming_uniform_(proj.weight, a=math.sqrt(5))
+
+    def forward(self, o, rope=None, cache=None):  # o (b, l, d); rope is unused: no positions here
+        if cache is not None:
+            return self.o_proj(self.decode(o, cache))
+        xBC = torch.cat([self.v_proj(o), self.k_proj(o), self.q_proj(o)], dim=-1)  # (b, l, c)
+        past = o.new_zeros(o.shape[0], xBC.shape[-1], self.cfg.d_conv - 1)
+        y, _, _ = self.mix(xBC, self.z_proj(o), F.linear(o, self.dt_proj.weight), past)
+        return self.o_proj(y)
+
+    def conv(self, xBC, past):
+        """The causal conv over time after the `past` k inputs (b, c, k), SiLU, x and B repeated from
+        their KV heads to the query heads. Returns x, B, C (b, l, h, e) and the conv's input (b, c, k + l)."""
+        h, g, e = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        xBC_pad = torch.cat([past, xBC.transpose(1, 2)], dim=-1)  # (b, c, k + l)
+        xBC = F.silu(F.conv1d(xBC_pad, self.conv1d.weight, self.conv1d.bias, groups=xBC_pad.shape[1]))
+        x, B, C = rearrange(xBC, "b (j e) l -> b l j e", e=e).split([g, g, h], dim=2)
+        return x.repeat_interleave(h // g, dim=2), B.repeat_interleave(h // g, dim=2), C, xBC_pad
+
+    def gated_norm(self, y, z):  # y (b, l, h, e), z (b, l, di) -> RMSNorm(y * silu(z)) per head (b, l, di)
+        y = y * F.silu(z).unflatten(-1, y.shape[-2:])
+        return F.rms_norm(y, y.shape[-1:], eps=self.cfg.norm_eps).flatten(2) * self.norm_weight
+
+    def mix(self, xBC, z, dt, past, h0=None):
+        """The layer between its projections (b, l, ..) and o_proj: conv, SiLU, the scan (from state h0
+        (b, h, p, n)), the gated norm. Returns y (b, l, di), the conv's input and the last state."""
+        x, B, C, xBC_pad = self.conv(xBC, past)
+        y, last = kernels.ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True, initial_state=h0,
+                                   return_last_state=True)
+        return self.gated_norm(y, z), xBC_pad, last
+
+    @torch.no_grad()
+    def decode_weights(self, device, dtype):  # one input projection for decoding: the rows of x, B, C, z, Delta
+        rows = [self.v_proj.weight, self.k_proj.weight, self.q_proj.weight, self.z_proj.weight, self.dt_proj.weight]
+        return SimpleNamespace(in_proj=torch.cat([w.to(dtype) for w in rows]).to(device))
+
+    def decode(self, o, cache):
+        """With caches: one GEMM for the layer's inputs, then a prefill or a decode step (the scan from
+        the cached state, over l tokens or one), or Algorithm 2's verification. Returns y (b, l, di)."""
+        c, di = self.conv1d.in_channels, self.z_proj.out_features
+        xBC, z, dt = F.linear(o, cache.seq.mamba[cache.j].in_proj).split([c, di, self.D.numel()], dim=-1)
+        if cache.seq.draft_len and cache.seq.where is not None:
+            return self.verify(xBC, z, dt, cache)
+        y, xBC_pad, last = self.mix(xBC, z, dt, cache.conv, cache.ssm)
+        cache.ssm.copy_(last)
+        cache.conv.copy_(xBC_pad[..., xBC_pad.shape[-1] - cache.conv.shape[-1]:])
+        return y
+
+    def verify(self, xBC, z, dt, cache):
+        """Algorithm 2 on the scan: the accepted prefix of the last verification is replayed into the
+        committed state (Delta = 0 past a row's count leaves its state alone), then the new K+1 tokens
+        are scanned from it, outputs only; their x, Delta and B are kept for the next replay."""
+        A, (l, k) = -torch.exp(self.A_log.float()), (xBC.shape[1], cache.conv.shape[-1])
+        accepted = (cache.seq.steps[:cache.x.shape[1]] < cache.replay[:, None])[..., None]  # (b, w, 1)
+        _, state = kernels.ssd_scan(cache.x, cache.dt * accepted, A, cache.B, cache.B,  # C: no output wanted
+                                    initial_state=cache.ssm, return_last_state=True)
+        cache.ssm.copy_(state)
+        x, B, C, xBC_pad = self.conv(xBC, cache.conv)
+        cache.conv_window[..., :k + l] = xBC_pad  # accepting m tokens keeps the k inputs before token m
+        dt = F.softplus(dt.float() + self.dt_proj.bias.float())  # (b, l, h)
+        y = kernels.ssd_scan(x, dt, A, B, C, D=self.D.float(), initial_state=state)
+        cache.x[:, :l], cache.dt[:, :l], cache.B[:, :l] = x, dt, B
+        return self.gated_norm(y, z)
+
+
 # -----------------------------------------------------------------------------------------------
 # The model: one class for the teacher and every hybrid; the config says which layers are attention
 
@@ -602,7 +721,7 @@ class Block(nn.Module):
     def __init__(self, cfg, attention):
         super().__init__()
         self.attn_norm, self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = Attention(cfg) if attention else MambaMixer(cfg)
+        self.mixer = Attention(cfg) if attention else {"mamba1": MambaMixer, "mamba2": Mamba2Mixer}[cfg.mixer](cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -628,7 +747,7 @@ class Model(nn.Module):
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
         for block in self.layers:
-            if isinstance(block.mixer, MambaMixer):
+            if not isinstance(block.mixer, Attention):
                 block.mixer.reset_ssm_parameters()
 
     def forward(self, idx, targets=None, caches=None):  # idx (b, l) -> logits (b, l, v)
@@ -668,12 +787,13 @@ class Model(nn.Module):
 # Algorithm 1: a hybrid from a trained teacher
 
 
-def hybrid_config(teacher_cfg, attn_layers, conv_init=None):  # students train without dropout
-    return replace(teacher_cfg, attn_layers=tuple(attn_layers), conv_init=conv_init or teacher_cfg.conv_init, dropout=0.0)
+def hybrid_config(teacher_cfg, attn_layers, conv_init=None, mixer=None):  # students train without dropout
+    return replace(teacher_cfg, attn_layers=tuple(attn_layers), conv_init=conv_init or teacher_cfg.conv_init,
+                   mixer=mixer or teacher_cfg.mixer, dropout=0.0)
 
 
 @torch.no_grad()
-def hybrid_from_teacher(teacher, attn_layers, init="attention", student=None, conv_init=None):
+def hybrid_from_teacher(teacher, attn_layers, init="attention", student=None, conv_init=None, mixer=None):
     """Algorithm 1 (PAPER §2). Builds a model whose `attn_layers` stay attention and whose other
     layers are Mamba. Embeddings, norms, MLPs and kept attention layers are copied from the teacher.
     Each Mamba layer takes its attention layer's q/k/v/o_proj (-> C, B, x, output): the names match,
@@ -681,7 +801,7 @@ def hybrid_from_teacher(teacher, attn_layers, init="attention", student=None, co
     Mamba layers at their fresh initialization (the paper's ablation). With `student` (the previous
     step of stepwise distillation), layers that are Mamba there are carried over from it instead."""
     assert init in ("attention", "random"), init
-    cfg = hybrid_config(teacher.cfg, attn_layers, conv_init)
+    cfg = hybrid_config(teacher.cfg, attn_layers, conv_init, mixer)
     hybrid = Model(cfg).to(teacher.lm_head.weight.device)
     new = hybrid.state_dict()
     for name, t in teacher.state_dict().items():

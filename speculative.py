@@ -5,6 +5,7 @@ Speculative decoding for hybrids (The Mamba in the Llama, §4, Algorithm 2).
                                                 and sampled, K in {2, 3, 4, 6}, over validation prompts
     python speculative.py --prompt="HAMLET."    decode one prompt both ways and show the text
     python speculative.py --bench=context       decode speed and cache memory as the context grows
+    python speculative.py --mixer=mamba2        the Mamba-2 hybrids of `python distill.py --mixer=mamba2`
     python speculative.py --teacher=smollm2     the same for `python distill.py --teacher=smollm2`'s run
                                                 (--prompt then goes through the model's chat template)
 
@@ -31,6 +32,7 @@ DEFAULTS = dict(
     preset="auto",  # which distill.py run to load: cpu | gpu | smollm2 | auto
     device="auto",
     scan="auto",
+    mixer="mamba1",  # the hybrids' Mamba layers: mamba1 | mamba2 (distill.py --mixer=mamba2's attn50_m2, ...)
     out_dir="",  # default: distill.py's for the same --teacher and --preset
     models="attn50,attn25",  # the targets to benchmark
     k="2,3,4,6",  # draft lengths
@@ -295,7 +297,7 @@ def context_benchmark(cfg):
     rows = ["| model | attention layers | batch | context | decode tokens/s | cache MiB / sequence | prefill ms (batch 1) |",
             "|" + " --- |" * 7]
     for frac in (1.0, 0.5, 0.25, 0.125, 0.0):
-        mcfg = replace(arch, attn_layers=mil.kept_attention(arch.n_layer, frac))
+        mcfg = replace(arch, attn_layers=mil.kept_attention(arch.n_layer, frac), mixer=cfg["mixer"])
         model = mil.Model(mcfg).to(dev, dtype).eval()
         name = "teacher" if frac == 1 else f"{frac:.1%} attention".replace(".0%", "%")
         for batch in batches:
@@ -356,11 +358,13 @@ def resolve(argv):
     for key, least in (("prompts", 1), ("prompt_tokens", 2), ("max_new_tokens", 0), ("top_k", 0)):
         need(key, cfg[key] >= least, f"takes {least} or more")
     need("bench", cfg["bench"] in ("speculative", "context"), "takes speculative or context")
+    need("mixer", cfg["mixer"] in distill.SUFFIX, "takes mamba1 or mamba2")
+    cfg["models"] = ",".join(name + distill.SUFFIX[cfg["mixer"]] for name in cfg["models"].split(","))
     if cfg["bench"] == "speculative":
         for name in cfg["models"].split(",") + ["draft"]:
             path = os.path.join(cfg["out_dir"], name + ".pt")
-            need("models", os.path.exists(path), f"{path} is missing: `python distill.py` with the same --teacher "
-                                                 f"and --preset makes the models and the draft")
+            need("models", os.path.exists(path), f"{path} is missing: `python distill.py` with the same --teacher, "
+                                                 f"--preset and --mixer makes the models and the draft")
     cfg["ks"], cfg["temps"] = ks, temps
     cfg["max_new_tokens"] = cfg["max_new_tokens"] or (128 if cfg["device"] == "cuda" else 24)
     return cfg

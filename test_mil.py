@@ -80,6 +80,26 @@ def test_mamba_from_attention_is_linear_attention():
     torch.testing.assert_close(mamba_out, lin_attn, rtol=1e-5, atol=1e-5 * lin_attn.abs().max().item())
 
 
+def test_mamba2_from_attention_is_linear_attention():
+    """The same identity for Mamba-2 (Mamba2InLlama's layout: mamba_ssm's (b, l, heads, channels)):
+    Delta = 1, A = 0, no D, no conv, no gate, no norm gives causal linear attention per head."""
+    cfg = small_config(n_layer=1, attn_layers=(0,))
+    teacher = trained_looking(mil.Model(cfg))
+    attn = teacher.layers[0].mixer
+    mixer = mil.hybrid_from_teacher(teacher, attn_layers=(), mixer="mamba2").layers[0].mixer
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):  # Algorithm 1: a copy by name
+        assert torch.equal(getattr(mixer, name).weight, getattr(attn, name).weight), name
+    o, rep, e = torch.randn(2, 24, cfg.d_model), cfg.n_head // cfg.n_kv_head, cfg.head_dim
+    heads = lambda t: t.unflatten(-1, (-1, e))  # (b, l, heads, e)
+    x, B, C = heads(mixer.v_proj(o)).repeat_interleave(rep, 2), heads(mixer.k_proj(o)).repeat_interleave(rep, 2), \
+        heads(mixer.q_proj(o))
+    y = kernels.ssd_scan_ref(x, torch.ones(2, 24, cfg.n_head), torch.zeros(cfg.n_head), B, C)
+    mamba_out = mixer.o_proj(y.flatten(2))
+    scores = torch.einsum("bthe,bshe->bhts", C, B).tril()  # q_t . k_s, no softmax, no 1/sqrt(e)
+    lin_attn = attn.o_proj(torch.einsum("bhts,bshe->bthe", scores, x).flatten(2))
+    torch.testing.assert_close(mamba_out, lin_attn, rtol=1e-5, atol=1e-5 * lin_attn.abs().max().item())
+
+
 # -----------------------------------------------------------------------------------------------
 # The reference scan against an independent formulation
 
@@ -135,6 +155,46 @@ def test_reference_step_matches_reference_scan():
     torch.testing.assert_close(state, last, rtol=1e-5, atol=1e-5)
 
 
+def ssd_closed_form(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None):
+    """float64, the SSD matrix form (no recurrence): per head, y = M x with M[t, s] = (C_t . B_s)
+    exp(S_t - S_s) Delta_s for s <= t, S_t = A sum_{r<=t} Delta_r, plus exp(S_t) h_0 C_t. Returns (y, last)."""
+    x, A, h, L = x.double(), A.double(), x.shape[2], x.shape[1]
+    dt = dt.double() + (dt_bias.double() if dt_bias is not None else 0)
+    dt = F.softplus(dt) if dt_softplus else dt  # (b, l, h)
+    B, C = (t.double().repeat_interleave(h // t.shape[2], dim=2) for t in (B, C))  # (b, l, h, n)
+    S = torch.cumsum(dt * A, dim=1)  # (b, l, h)
+    decay = (S[:, :, None] - S[:, None]).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril()[..., None], -math.inf)
+    M = torch.einsum("bthn,bshn->btsh", C, B) * decay.exp() * dt[:, None]  # (b, t, s, h)
+    y = torch.einsum("btsh,bshp->bthp", M, x)
+    last = torch.einsum("bsh,bshp,bshn->bhpn", (S[:, -1:] - S).exp() * dt, x, B)
+    if initial_state is not None:
+        y = y + torch.einsum("bthn,bhpn->bthp", C, initial_state.double()) * S.exp()[..., None]
+        last = last + S[:, -1].exp()[..., None, None] * initial_state.double()
+    y = y + ((D.double()[:, None] if D.dim() == 1 else D.double()) * x if D is not None else 0)
+    return (y * F.silu(z.double()) if z is not None else y), last
+
+
+def ssd_inputs(b=2, L=13, h=4, p=3, g=2, n=4, dtype=torch.float32, device="cpu", options=(1, 1, 1, 1)):
+    """Fresh random inputs in mamba_ssm's layout; options: which of D (1: per head, 2: per channel),
+    z, dt_bias, initial_state are given."""
+    has_D, has_z, has_bias, has_h0 = options
+    r = lambda *s: torch.randn(*s, device=device)
+    return dict(x=r(b, L, h, p).to(dtype), dt=(0.5 * r(b, L, h)).to(dtype), A=-0.5 - torch.rand(h, device=device),
+                B=r(b, L, g, n).to(dtype), C=r(b, L, g, n).to(dtype), D=(r(h) if has_D == 1 else r(h, p)) if has_D else None,
+                z=r(b, L, h, p).to(dtype) if has_z else None, dt_bias=0.5 * r(h) if has_bias else None,
+                initial_state=r(b, h, p, n) if has_h0 else None)
+
+
+@pytest.mark.parametrize("L,g,options", [(1, 1, (1, 1, 1, 1)), (13, 2, (0, 0, 0, 0)), (13, 4, (2, 1, 1, 1)),
+                                         (29, 1, (1, 0, 1, 0)), (29, 2, (0, 1, 0, 1))])
+def test_ssd_reference_matches_closed_form(L, g, options):
+    x = ssd_inputs(L=L, g=g, options=options)
+    y, last = kernels.ssd_scan_ref(**x, dt_softplus=True, return_last_state=True)
+    y2, last2 = ssd_closed_form(**x, dt_softplus=True)
+    torch.testing.assert_close(y.double(), y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last.double(), last2, rtol=1e-5, atol=1e-5)
+
+
 # -----------------------------------------------------------------------------------------------
 # The Triton kernels against the reference: a small interpreter tier on CPU, the full product on GPU
 
@@ -183,6 +243,40 @@ def test_triton_scan_matches_reference(dtype, L, groups, n, options, monkeypatch
             scale = g_ref.abs().max().item()  # dB, dC, dA sum over many terms: compare against their scale
             tol = GRAD_TOL[dtype]
             torch.testing.assert_close(g.float(), g_ref.float(), rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale),
+                                       msg=lambda m: f"gradient of {k}: {m}")
+
+
+SSD_CASES = [(dt, L, g, o) for dt, L, g, o in itertools.product([torch.float32, torch.bfloat16], [1, 300], [1, 4],
+                                                                 [(1, 1, 1, 1), (0, 0, 0, 0), (2, 0, 1, 1)])] if GPU else \
+    [(torch.float32, 13, 2, (1, 1, 1, 1)), (torch.bfloat16, 9, 1, (2, 0, 1, 1)), (torch.float32, 1, 2, (0, 0, 0, 0))]
+
+
+@pytest.mark.parametrize("dtype,L,g,options", SSD_CASES)
+def test_ssd_scan_matches_reference(dtype, L, g, options, monkeypatch):
+    """Mamba-2's scan (on the Mamba-1 Triton scan: Delta and A broadcast over a head's channels)
+    against its loop: outputs, last state and every gradient."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    kernels.BACKEND = "auto"
+    if not GPU:
+        monkeypatch.setattr(kernels, "CHUNK", 8)
+    h, p, n = (8, 16, 16) if GPU else (4, 2, 4)
+    x = ssd_inputs(b=2, L=L, h=h, p=p, g=g, n=n, dtype=dtype, device=DEV, options=options)
+    ref_in = {k: v.clone().requires_grad_() if v is not None else None for k, v in x.items()}
+    for v in x.values():
+        if v is not None:
+            v.requires_grad_()
+    y, last = kernels.ssd_scan(**x, dt_softplus=True, return_last_state=True)
+    y_ref, last_ref = kernels.ssd_scan_ref(**ref_in, dt_softplus=True, return_last_state=True)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(last, last_ref, **TOL[dtype])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for k in x:
+        if x[k] is not None:
+            grad, grad_ref, tol = x[k].grad, ref_in[k].grad, GRAD_TOL[dtype]
+            torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=tol["rtol"],
+                                       atol=tol["atol"] * max(1.0, grad_ref.abs().max().item()),
                                        msg=lambda m: f"gradient of {k}: {m}")
 
 
@@ -541,12 +635,14 @@ def test_teacher_cached_decoding_matches_forward():
     check_cached_decoding(model, torch.randint(0, 4096, (2, 16)))
 
 
-def test_hybrid_cached_decoding_matches_forward():
+@pytest.mark.parametrize("mixer,name", [("mamba1", "MambaMixer"), ("mamba2", "Mamba2Mixer")])
+def test_hybrid_cached_decoding_matches_forward(mixer, name):
     teacher = trained_looking(mil.Model(small_config()))
-    hybrid = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3))
-    assert [type(b.mixer).__name__ for b in hybrid.layers] == ["MambaMixer", "Attention"] * 2
+    hybrid = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3), mixer=mixer)
+    assert [type(b.mixer).__name__ for b in hybrid.layers] == [name, "Attention"] * 2
     check_cached_decoding(hybrid, torch.randint(0, 4096, (2, 16)))
-    check_cached_decoding(mil.hybrid_from_teacher(teacher, attn_layers=()), torch.randint(0, 4096, (2, 16)))  # no RoPE
+    no_rope = mil.hybrid_from_teacher(teacher, attn_layers=(), mixer=mixer)
+    check_cached_decoding(no_rope, torch.randint(0, 4096, (2, 16)))
 
 
 def test_hybrid_copies_teacher_exactly():
@@ -613,6 +709,7 @@ BAD_OPTIONS = [  # (argv, what the one-line message must say)
     (["--scan=cuda"], "--scan=cuda: scan backend must be auto, triton, ref or mamba_ssm"),
     (["--bench=infer"], "--bench=infer: takes train"),
     (["--align_steps=-1"], "--align_steps=-1: takes 0 or more"),
+    (["--mixer=mamba3"], "--mixer=mamba3: takes mamba1, mamba2 or both"),
     (["--teacher=/no/such/model.gguf"], "--teacher=/no/such/model.gguf: no model at"),
     (["--teacher=smollm2", "--n_layer=4"], "--n_layer=4: a pretrained teacher brings its own architecture"),
 ] + ([] if GPU else [(["--device=cuda"], "--device=cuda: takes cpu, or cuda on a machine with a CUDA GPU"),
@@ -689,7 +786,7 @@ def test_checkpoint_with_another_config_is_refused(tmp_path):
 # Speculative decoding
 
 
-def peaked_models():
+def peaked_models(mixer="mamba1"):
     """A hybrid target and a 2-layer Transformer draft whose layers add little to the embedding's
     own prediction, so that most drafts are accepted and some are not: both paths get exercised."""
     cfg = small_config(n_layer=4, block_size=40)
@@ -698,7 +795,7 @@ def peaked_models():
         for name, p in teacher.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.mul_(0.15)
-    target = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3))
+    target = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3), mixer=mixer)
     draft = mil.Model(mil.Config(**{**cfg.to_dict(), "n_layer": 2, "attn_layers": None}))
     draft.load_state_dict({k.replace("layers.3.", "layers.1.", 1): v for k, v in teacher.state_dict().items()
                            if not k.startswith(("layers.1.", "layers.2."))})
@@ -706,9 +803,10 @@ def peaked_models():
 
 
 @pytest.mark.parametrize("backend", ["ref", "auto"] if GPU else ["ref"])  # the interpreter's: below
-def test_greedy_speculative_decoding_equals_plain_greedy(backend):
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_greedy_speculative_decoding_equals_plain_greedy(backend, mixer):
     kernels.BACKEND = backend
-    target, draft = (m.to(DEV) for m in peaked_models())
+    target, draft = (m.to(DEV) for m in peaked_models(mixer))
     accepted = tested = 0
     for k in (1, 2, 4):
         for seed in range(2):
@@ -724,12 +822,13 @@ def test_greedy_speculative_decoding_equals_plain_greedy(backend):
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cuda_graph_decoding_matches_eager(temperature):
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_cuda_graph_decoding_matches_eager(temperature, mixer):
     """The same decoding replayed as CUDA graphs (one per token; one per speculative round, with the
     acceptance and rollback on the device) gives the eager run's tokens. Sampling draws from the
     default generator in both, seeded alike."""
     kernels.BACKEND = "auto"
-    target, draft = (m.cuda() for m in peaked_models())
+    target, draft = (m.cuda() for m in peaked_models(mixer))
     prompt = torch.randint(0, 4096, (1, 5), device="cuda")
     for fn, args in ((speculative.plain_generate, ()), (speculative.speculative_generate, (draft,))):
         runs = []
@@ -973,7 +1072,7 @@ def test_pretrained_teacher_pipeline_and_speculative_smoke(tmp_path, capsys):
     teacher, out = f"--teacher={tmp_path / 'tiny.gguf'}", f"--out_dir={tmp_path / 'run'}"
     argv = [teacher, out, "--preset=cpu", "--scan=ref", "--block_size=96", "--batch_size=2", "--eval_every=4",
             "--eval_windows=4", "--log_every=100", "--attn_fractions=0.5", "--distill_steps=3", "--ft_steps=2",
-            "--draft_steps=2", "--generations=8", "--warmup=1"]
+            "--draft_steps=2", "--generations=8", "--warmup=1", "--mixer=mamba1,mamba2"]
     distill.main(argv)
     assert not any((tmp_path / "run" / f"{n}.pt").exists() for n in ("teacher",))  # no stage 0
     pool = torch.load(tmp_path / "run" / "generations.pt", weights_only=True)
@@ -982,6 +1081,8 @@ def test_pretrained_teacher_pipeline_and_speculative_smoke(tmp_path, capsys):
     spec = [teacher, out, "--preset=cpu", "--scan=ref", "--models=attn50"]
     speculative.main(spec + ["--prompts=2", "--k=2", "--prompt_tokens=8", "--max_new_tokens=6"])
     speculative.main(spec + ["--prompt=Who wrote Hamlet?", "--max_new_tokens=6"])
+    speculative.main(spec + ["--prompts=1", "--k=2", "--prompt_tokens=8", "--max_new_tokens=4", "--mixer=mamba2"])
     text = capsys.readouterr().out
+    assert "| attn50_m2 |" in text and "| attn50_m2 | greedy | 2 |" in text  # both variants in one table
     for heading in ("teacher's T=1 text", "| model | What is the capital of France?", "| model | decoding | K", "speculative, K=2"):
         assert heading in text, heading
