@@ -1082,7 +1082,9 @@ def test_pretrained_teacher_pipeline_and_speculative_smoke(tmp_path, capsys):
     speculative.main(spec + ["--prompts=2", "--k=2", "--prompt_tokens=8", "--max_new_tokens=6"])
     speculative.main(spec + ["--prompt=Who wrote Hamlet?", "--max_new_tokens=6"])
     speculative.main(spec + ["--prompts=1", "--k=2", "--prompt_tokens=8", "--max_new_tokens=4", "--mixer=mamba2"])
+    distill.main(argv + ["--ablate", "--ablate_steps=2"])  # a rerun: the evaluation is read back, ablations run
     text = capsys.readouterr().out
     assert "| attn50_m2 |" in text and "| attn50_m2 | greedy | 2 |" in text  # both variants in one table
+    assert "every stage finished before" in text and "| 50% attention |" in text and "| 0% attention |" not in text
     for heading in ("teacher's T=1 text", "| model | What is the capital of France?", "| model | decoding | K", "speculative, K=2"):
         assert heading in text, heading
