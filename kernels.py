@@ -897,6 +897,19 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, in
     return (y, last.unflatten(1, (h, p))) if return_last_state else y
 
 
+def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One Mamba-2 decode step in mamba_ssm's layout: state (b, h, p, n) float32, updated in place;
+    x, z (b, h, p); dt (b, h); A, dt_bias, D (h,); B, C (b, g, n). Returns y (b, h, p). Mamba-1's step
+    kernel over the h p channels (mamba_ssm's under --scan=mamba_ssm), Delta and A broadcast per head."""
+    (b, h, p), n = x.shape, B.shape[-1]
+    per_channel = lambda t: t.repeat_interleave(p, dim=-1) if t is not None else None  # (.., h) -> (.., h p)
+    update = official_update if BACKEND == "mamba_ssm" else \
+        selective_state_update if use_triton(x.device) else selective_state_update_ref
+    y = update(state.view(b, h * p, n), x.flatten(1), per_channel(dt), per_channel(A)[:, None].expand(h * p, n), B, C,
+               per_channel(D), z.flatten(1) if z is not None else None, per_channel(dt_bias), dt_softplus)
+    return y.unflatten(1, (h, p))
+
+
 def step(*args):
     if BACKEND == "mamba_ssm":
         return mamba_step_ref(*args, update=official_update)

@@ -680,35 +680,47 @@ class Mamba2Mixer(nn.Module):
         return self.gated_norm(y, z), xBC_pad, last
 
     @torch.no_grad()
-    def decode_weights(self, device, dtype):  # one input projection for decoding: the rows of x, B, C, z, Delta
+    def decode_weights(self, device, dtype):
+        """What decoding reads, made once per caches: one input projection (the rows of x, B, C, z and
+        Delta) and the SSM's constants in float32."""
         rows = [self.v_proj.weight, self.k_proj.weight, self.q_proj.weight, self.z_proj.weight, self.dt_proj.weight]
-        return SimpleNamespace(in_proj=torch.cat([w.to(dtype) for w in rows]).to(device))
+        f32 = lambda t: t.float().contiguous().to(device)
+        return SimpleNamespace(in_proj=torch.cat([w.to(dtype) for w in rows]).to(device),
+                               A=f32(-torch.exp(self.A_log.float())), D=f32(self.D), dt_bias=f32(self.dt_proj.bias))
 
     def decode(self, o, cache):
-        """With caches: one GEMM for the layer's inputs, then a prefill or a decode step (the scan from
-        the cached state, over l tokens or one), or Algorithm 2's verification. Returns y (b, l, di)."""
-        c, di = self.conv1d.in_channels, self.z_proj.out_features
-        xBC, z, dt = F.linear(o, cache.seq.mamba[cache.j].in_proj).split([c, di, self.D.numel()], dim=-1)
+        """With caches: one GEMM for the layer's inputs, the conv over the cached window, then a decode
+        step (Mamba-1's step kernel), a prefill (the scan from the cached state) or Algorithm 2's
+        verification. Returns y (b, l, di)."""
+        w, l = cache.seq.mamba[cache.j], o.shape[1]
+        widths = [self.conv1d.in_channels, self.z_proj.out_features, self.D.numel()]
+        xBC, z, dt = F.linear(o, w.in_proj).split(widths, dim=-1)  # (b, l, c), (b, l, di), (b, l, h)
         if cache.seq.draft_len and cache.seq.where is not None:
-            return self.verify(xBC, z, dt, cache)
-        y, xBC_pad, last = self.mix(xBC, z, dt, cache.conv, cache.ssm)
-        cache.ssm.copy_(last)
-        cache.conv.copy_(xBC_pad[..., xBC_pad.shape[-1] - cache.conv.shape[-1]:])
-        return y
+            return self.verify(xBC, z, dt, cache, w)
+        x, B, C, xBC_pad = self.conv(xBC, cache.conv)
+        cache.conv.copy_(xBC_pad[..., l:])
+        if l == 1:
+            y = kernels.ssd_step(cache.ssm, x[:, 0], dt[:, 0], w.A, B[:, 0], C[:, 0], w.D, dt_bias=w.dt_bias,
+                                 dt_softplus=True)[:, None]
+        else:
+            y, last = kernels.ssd_scan(x, dt, w.A, B, C, D=w.D, dt_bias=w.dt_bias, dt_softplus=True,
+                                       initial_state=cache.ssm, return_last_state=True)
+            cache.ssm.copy_(last)
+        return self.gated_norm(y, z)
 
-    def verify(self, xBC, z, dt, cache):
+    def verify(self, xBC, z, dt, cache, w):
         """Algorithm 2 on the scan: the accepted prefix of the last verification is replayed into the
         committed state (Delta = 0 past a row's count leaves its state alone), then the new K+1 tokens
         are scanned from it, outputs only; their x, Delta and B are kept for the next replay."""
-        A, (l, k) = -torch.exp(self.A_log.float()), (xBC.shape[1], cache.conv.shape[-1])
+        l, k = xBC.shape[1], cache.conv.shape[-1]
         accepted = (cache.seq.steps[:cache.x.shape[1]] < cache.replay[:, None])[..., None]  # (b, w, 1)
-        _, state = kernels.ssd_scan(cache.x, cache.dt * accepted, A, cache.B, cache.B,  # C: no output wanted
+        _, state = kernels.ssd_scan(cache.x, cache.dt * accepted, w.A, cache.B, cache.B,  # C: no output wanted
                                     initial_state=cache.ssm, return_last_state=True)
         cache.ssm.copy_(state)
         x, B, C, xBC_pad = self.conv(xBC, cache.conv)
         cache.conv_window[..., :k + l] = xBC_pad  # accepting m tokens keeps the k inputs before token m
-        dt = F.softplus(dt.float() + self.dt_proj.bias.float())  # (b, l, h)
-        y = kernels.ssd_scan(x, dt, A, B, C, D=self.D.float(), initial_state=state)
+        dt = F.softplus(dt.float() + w.dt_bias)  # (b, l, h)
+        y = kernels.ssd_scan(x, dt, w.A, B, C, D=w.D, initial_state=state)
         cache.x[:, :l], cache.dt[:, :l], cache.B[:, :l] = x, dt, B
         return self.gated_norm(y, z)
 

@@ -246,6 +246,20 @@ def test_triton_scan_matches_reference(dtype, L, groups, n, options, monkeypatch
                                        msg=lambda m: f"gradient of {k}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["ref", "auto"])
+def test_ssd_step_matches_reference_scan(backend, monkeypatch):
+    """Mamba-2's decode step (Mamba-1's step kernel over each head's channels; the interpreter on the
+    CPU), five in a row from an initial state, against the reference scan."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    kernels.BACKEND = backend
+    x = ssd_inputs(b=2, L=5, h=4, p=4, g=2, n=8, device=DEV)
+    y, last = kernels.ssd_scan_ref(**x, dt_softplus=True, return_last_state=True)
+    state = x["initial_state"].clone()
+    ys = [kernels.ssd_step(state, x["x"][:, t], x["dt"][:, t], x["A"], x["B"][:, t], x["C"][:, t], x["D"], x["z"][:, t],
+                           x["dt_bias"], True) for t in range(5)]
+    torch.testing.assert_close(torch.stack(ys, 1), y, **TOL[torch.float32])
+    torch.testing.assert_close(state, last, **TOL[torch.float32])
+
 SSD_CASES = [(dt, L, g, o) for dt, L, g, o in itertools.product([torch.float32, torch.bfloat16], [1, 300], [1, 4],
                                                                  [(1, 1, 1, 1), (0, 0, 0, 0), (2, 0, 1, 1)])] if GPU else \
     [(torch.float32, 13, 2, (1, 1, 1, 1)), (torch.bfloat16, 9, 1, (2, 0, 1, 1)), (torch.float32, 1, 2, (0, 0, 0, 0))]
@@ -915,13 +929,14 @@ def test_add_rms_norm_matches_reference(dtype, monkeypatch):
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
 
 
-def test_triton_decoding_matches_forward_and_plain_greedy():
-    """The model with the fused Triton kernels (the interpreter on CPU): cached decoding equals the
-    forward, and greedy speculative decoding equals plain greedy."""
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_triton_decoding_matches_forward_and_plain_greedy(mixer):
+    """The model with the Triton kernels (the interpreter on CPU): cached decoding equals the forward,
+    and greedy speculative decoding equals plain greedy."""
     kernels.BACKEND = "auto"
     teacher = trained_looking(mil.Model(small_config()))
-    check_cached_decoding(mil.hybrid_from_teacher(teacher, attn_layers=(1, 3)), torch.randint(0, 4096, (2, 16)))
-    target, draft = (m.to(DEV) for m in peaked_models())
+    check_cached_decoding(mil.hybrid_from_teacher(teacher, attn_layers=(1, 3), mixer=mixer), torch.randint(0, 4096, (2, 16)))
+    target, draft = (m.to(DEV) for m in peaked_models(mixer))
     prompt = torch.randint(0, 4096, (1, 5), device=DEV)
     plain, _ = speculative.plain_generate(target, prompt, 6, temperature=0)
     assert torch.equal(speculative.speculative_generate(target, draft, prompt, 6, 2, temperature=0)[0], plain)
