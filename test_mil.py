@@ -246,6 +246,24 @@ def test_triton_scan_matches_reference(dtype, L, groups, n, options, monkeypatch
                                        msg=lambda m: f"gradient of {k}: {m}")
 
 
+@pytest.mark.parametrize("L,g,options,chunk", [(13, 2, (1, 1, 1, 1), 4), (29, 4, (2, 0, 1, 1), 8),
+                                               (8, 1, (0, 0, 0, 0), 8), (1, 2, (1, 1, 0, 1), 4)])
+def test_ssd_chunked_matches_reference(L, g, options, chunk):
+    """The chunked matmul form (lengths not multiples of the chunk) against the loop: outputs, last
+    state and every gradient."""
+    x = ssd_inputs(L=L, g=g, options=options)
+    ref_in, in_ = ({k: v.clone().requires_grad_() if v is not None else None for k, v in x.items()} for _ in range(2))
+    y_ref, last_ref = kernels.ssd_scan_ref(**ref_in, dt_softplus=True, return_last_state=True)
+    y, last = kernels.ssd_chunked(**in_, dt_softplus=True, return_last_state=True, chunk=chunk)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    torch.testing.assert_close(last, last_ref, **TOL[torch.float32])
+    dy, dlast = torch.randn_like(y), torch.randn_like(last)
+    torch.autograd.backward([y, last], [dy, dlast])
+    torch.autograd.backward([y_ref, last_ref], [dy, dlast])
+    for k in x:
+        if x[k] is not None:
+            torch.testing.assert_close(in_[k].grad, ref_in[k].grad, **GRAD_TOL[torch.float32], msg=lambda m: f"{k}: {m}")
+
 @pytest.mark.parametrize("backend", ["ref", "auto"])
 def test_ssd_step_matches_reference_scan(backend, monkeypatch):
     """Mamba-2's decode step (Mamba-1's step kernel over each head's channels; the interpreter on the
