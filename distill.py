@@ -727,7 +727,7 @@ def main(argv=None):
     results = os.path.join(cfg["out_dir"], "results.md")
     if os.path.exists(results) and all(os.path.getmtime(results) > os.path.getmtime(os.path.join(cfg["out_dir"], n + ".pt"))
                                        for n, _ in students):  # evaluated since the last stage finished
-        print(f"every stage finished before; the evaluation is {results}:")
+        print(f"every stage finished before; the evaluation is {results} (delete it to evaluate again):")
         table = open(results).read().rstrip("\n")
     else:
         print(f"pipeline trained in {time.time() - t_start:.0f}s; evaluating")
