@@ -1005,7 +1005,7 @@ def benchmark():
     if not cuda:
         print("no GPU: a small smoke run through the Triton interpreter; numbers on a CPU mean little")
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, triton {triton.__version__}")
-    sections = [a for a in sys.argv[1:] if not a.startswith("--")] or ["scan", "decode", "prefill"]
+    sections = [a for a in sys.argv[1:] if not a.startswith("--")] or ["scan", "decode", "prefill", "ssd"]
     official_step, official_scan_ok = None, False
     try:  # the Triton decode step needs only mamba_ssm's sources; the scan, its built selective_scan_cuda
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update as official_step
@@ -1116,6 +1116,35 @@ def benchmark():
         PIECES = 0
         print(f"| | {b}, {di}, {n}, {L} | " + " | ".join(f"{t * 1e6:.0f}" for t in cells[:-1]) +
               f" | {cells[-1] * 1e6:.0f} (P={_pieces(ins['u'], g, n)}) |", flush=True)
+    # Mamba-2's scan, as mil's Mamba2Mixer calls it: on the Mamba-1 Triton scan, in chunked PyTorch, and
+    # mamba_ssm's SSD kernel (Triton: PYTHONPATH=../shared/official-kernels is enough)
+    impls = {"Mamba-1 scan": ssd_scan, "chunked": ssd_chunked}
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        impls["mamba_ssm"] = lambda *a, **kw: mamba_chunk_scan_combined(*a, chunk_size=256, **kw)
+    except ImportError as e:
+        print(f"\nmamba_ssm's mamba_chunk_scan_combined: not timed ({e})")
+    if not cuda:
+        impls.pop("mamba_ssm", None)
+    print("\n| Mamba-2 scan | b, heads x channels, d_state, groups, L | pass | " +
+          " | ".join(f"{k} us" for k in impls) + " | max rel. error vs the loop (first 256 steps) |\n|" + " --- |" * (4 + len(impls)))
+    ssd_shapes = {"SSD issue": (8, 32, 64, 64, 32, 2048), "SmolLM2-135M": (16, 9, 64, 64, 9, 512)} if cuda else \
+        {"smoke": (1, 2, 4, 4, 2, 16)}
+    for name, (b, h, p, n, g, L) in ssd_shapes.items() if "ssd" in sections else ():
+        r = lambda *s: torch.randn(*s, device=dev)
+        ins = dict(x=r(b, L, h, p).bfloat16(), dt=(0.5 * r(b, L, h)).bfloat16(), A=-0.5 - torch.rand(h, device=dev),
+                   B=r(b, L, g, n).bfloat16(), C=r(b, L, g, n).bfloat16())
+        kw = dict(D=r(h), dt_bias=0.5 * r(h), dt_softplus=True)
+        for v in ins.values():
+            v.requires_grad_()
+        dy = torch.randn(b, L, h, p, device=dev, dtype=torch.bfloat16)
+        first = {k: v[:, :256] if k != "A" else v for k, v in ins.items()}
+        y_ref = ssd_scan_ref(**first, **kw)
+        err = {k: f"{rel_err(fn(**first, **kw), y_ref):.1e}" for k, fn in impls.items()}
+        for cell, run in (("forward", lambda fn: fn(**ins, **kw)), ("forward+backward", lambda fn: fn(**ins, **kw).backward(dy))):
+            t = side_by_side({k: (lambda fn=fn: bench(lambda: run(fn))) for k, fn in impls.items()})
+            print(f"| {name} | {b}, {h} x {p}, {n}, {g}, {L} | {cell} | " + " | ".join(us(t[k]) for k in impls) +
+                  f" | {', '.join(f'{k} {e}' for k, e in err.items())} |", flush=True)
 
 
 def sweep(bench):
