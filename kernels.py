@@ -576,6 +576,79 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, D, eps, BLOCK: tl.co
 # tensors, the decode kernels any strides (passed explicitly)
 
 
+# Mamba-2's SSD forward (the chunked form of `ssd_chunked`, one kernel per stage): per chunk and head the
+# chunk's own final state (a tile product), a scan of states over the chunks, then the outputs: the masked
+# (t, s) matrix of the chunk times x, plus the entering state's part. Tiles: Q steps, P channels, N states.
+
+
+@triton.jit
+def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, S_ptr, own_ptr, L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg,
+                            Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr):
+    # one chunk of one head: own = sum_s exp(S_last - S_s) Delta_s x_s B_s^T   (P, N)
+    bc, h, dtype = tl.program_id(0), tl.program_id(1), tl.float32 if F32 else x_ptr.dtype.element_ty
+    b, c = bc // NC, bc % NC
+    t = c * Q + tl.arange(0, Q)
+    live = t < L
+    p, n = tl.arange(0, P), tl.arange(0, N)
+    x = tl.load(x_ptr + b * sxb + t[:, None] * sxl + h * sxh + p[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    B = tl.load(B_ptr + b * sBb + t[:, None] * sBl + (h // REP) * sBg + n[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+    row = ((b * H + h) * NC + c) * Q
+    S = tl.load(S_ptr + row + tl.arange(0, Q))
+    dt = tl.load(dt_ptr + row + tl.arange(0, Q))
+    S_last = tl.load(S_ptr + row + Q - 1)
+    w = tl.exp(S_last - S) * dt  # (Q,)
+    own = tl.dot(tl.trans(x * w[:, None]).to(dtype), B.to(dtype), input_precision=PRECISION)  # (P, N)
+    tl.store(own_ptr + ((b * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :], own)
+
+
+@triton.jit
+def _ssd_state_passing_kernel(own_ptr, S_ptr, h0_ptr, enter_ptr, last_ptr, H, NC,
+                              Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_H0: tl.constexpr):
+    # the states entering each chunk, a scan over chunks: h_in[c+1] = exp(S_last[c]) h_in[c] + own[c]
+    b, h = tl.program_id(0), tl.program_id(1)
+    tile = tl.arange(0, P)[:, None] * N + tl.arange(0, N)[None, :]
+    state = tl.zeros((P, N), dtype=tl.float32)
+    if HAS_H0:
+        state = tl.load(h0_ptr + (b * H + h) * P * N + tile)
+    for c in range(NC):
+        at = ((b * NC + c) * H + h) * P * N
+        tl.store(enter_ptr + at + tile, state)
+        decay = tl.exp(tl.load(S_ptr + ((b * H + h) * NC + c) * Q + Q - 1))
+        state = decay * state + tl.load(own_ptr + at + tile)
+    tl.store(last_ptr + (b * H + h) * P * N + tile, state)
+
+
+@triton.jit
+def _ssd_chunk_output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, S_ptr, enter_ptr, D_ptr, z_ptr, y_ptr, L, H, REP, NC,
+                             sxb, sxl, sxh, sBb, sBl, sBg, Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+                             HAS_D: tl.constexpr, HAS_Z: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr):
+    # one chunk of one head: y_t = sum_{s<=t} (C_t . B_s) exp(S_t - S_s) Delta_s x_s + exp(S_t) C_t . h_in
+    bc, h, dtype = tl.program_id(0), tl.program_id(1), tl.float32 if F32 else x_ptr.dtype.element_ty
+    b, c = bc // NC, bc % NC
+    i = tl.arange(0, Q)
+    t = c * Q + i
+    live = t < L
+    p, n = tl.arange(0, P), tl.arange(0, N)
+    xy = b * sxb + t[:, None] * sxl + h * sxh + p[None, :]  # x, z and y share a layout
+    x = tl.load(x_ptr + xy, mask=live[:, None], other=0.0)
+    BC = b * sBb + t[:, None] * sBl + (h // REP) * sBg + n[None, :]
+    B = tl.load(B_ptr + BC, mask=live[:, None], other=0.0)
+    C = tl.load(C_ptr + BC, mask=live[:, None], other=0.0)
+    row = ((b * H + h) * NC + c) * Q
+    S, dt = tl.load(S_ptr + row + i), tl.load(dt_ptr + row + i)
+    decay = tl.where(i[:, None] >= i[None, :], tl.exp(S[:, None] - S[None, :]), 0.0)  # (Q, Q), causal
+    M = tl.dot(C.to(dtype), tl.trans(B.to(dtype)), input_precision=PRECISION) * decay * dt[None, :]  # the chunk's (t, s) matrix
+    h_in = tl.load(enter_ptr + ((b * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :])  # (P, N)
+    y = tl.dot(M.to(dtype), x.to(dtype), input_precision=PRECISION) + \
+        tl.exp(S)[:, None] * tl.dot(C.to(dtype), tl.trans(h_in).to(dtype), input_precision=PRECISION)  # (Q, P)
+    if HAS_D:
+        y += tl.load(D_ptr + h) * x.to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + xy, mask=live[:, None], other=0.0).to(tl.float32)
+        y *= z / (1 + tl.exp(-z))
+    tl.store(y_ptr + xy, y.to(y_ptr.dtype.element_ty), mask=live[:, None])
+
+
 def _blocks(di, groups, n, channels=None):
     """BLOCK_D: the largest power of two up to `channels` (CHANNELS) that divides the channels per group
     (so that a program has one group); BLOCK_N: n rounded up to a power of two."""
@@ -917,16 +990,16 @@ def scan(u, delta, A, B, C, initial_state=None, **kw):
 
 def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
              return_last_state=False):
-    """Mamba-2's scan with the contract of `ssd_scan_ref`. mil has no SSD kernel yet: where Triton runs
-    (and under --scan=mamba_ssm) the recurrence is Mamba-1's with Delta and A the same for every channel
-    of a head, so this is `scan` over the h p channels; elsewhere `ssd_chunked` (the loop with
-    --scan=ref). It says which once."""
+    """Mamba-2's scan with the contract of `ssd_scan_ref`. Where Triton runs (and under --scan=mamba_ssm)
+    the recurrence is Mamba-1's with Delta and A the same for every channel of a head, so this is `scan`
+    over the h p channels (`ssd_chunk_scan`, the Triton SSD, takes over once measured); elsewhere
+    `ssd_chunked` (the loop with --scan=ref). It says which once."""
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
               return_last_state=return_last_state)
     if BACKEND != "mamba_ssm" and not use_triton(x.device):
         say_once("Mamba-2: " + ("the reference loop" if BACKEND == "ref" else "the chunked (SSD) scan in PyTorch"))
         return (ssd_scan_ref if BACKEND == "ref" else ssd_chunked)(x, dt, A, B, C, **kw)
-    say_once("Mamba-2 runs on the Mamba-1 scan: Delta and A broadcast over each head's channels (no SSD kernel yet)")
+    say_once("Mamba-2 runs on the Mamba-1 scan: Delta and A broadcast over each head's channels")
     (b, l, h, p), n = x.shape, B.shape[-1]
     per_channel = lambda t: t.repeat_interleave(p, dim=-1) if t is not None else None  # (.., h) -> (.., h p)
     by_time = lambda t: rearrange(t, "b l ... -> b (...) l") if t is not None else None
@@ -937,6 +1010,64 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, in
                    initial_state=initial_state.flatten(1, 2) if initial_state is not None else None)
     y = rearrange(y, "b (h p) l -> b l h p", p=p)
     return (y, last.unflatten(1, (h, p))) if return_last_state else y
+
+
+class SSDChunkScanFn(torch.autograd.Function):
+    """The Triton SSD forward; the backward is `ssd_chunked`'s (recomputed under autograd) until a
+    Triton backward exists."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk):
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state)
+        ctx.dt_softplus, ctx.chunk = dt_softplus, chunk
+        (b, l, h, p), (g, n) = x.shape, B.shape[2:]
+        dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
+        dt = F.softplus(dt) if dt_softplus else dt
+        nc = -(-l // chunk)
+        dt = rearrange(F.pad(dt, (0, 0, 0, nc * chunk - l)), "b (c q) h -> b h c q", q=chunk).contiguous()
+        S = torch.cumsum(dt * A.float()[:, None, None], dim=-1).contiguous()  # (b, h, c, q) log decay in the chunk
+        x, B, C, z = _flat(x, B, C, z)
+        own = torch.empty(b, nc, h, p, n, device=x.device, dtype=torch.float32)  # each chunk's state from zero
+        enter, last = torch.empty_like(own), torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
+        strides = (*x.stride()[:3], *B.stride()[:3])
+        # tile products in the inputs' dtype (tensor cores); in float32 exactly for float32 inputs, and under
+        # the interpreter, whose 16-bit tile products are wrong
+        f32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+        dots = dict(F32=f32, PRECISION="ieee" if f32 else "tf32")
+        _ssd_chunk_state_kernel[(b * nc, h)](x, B, dt, S, own, l, h, h // g, nc, *strides, Q=chunk, P=p, N=n, **dots)
+        h0 = initial_state.float().contiguous() if initial_state is not None else last
+        _ssd_state_passing_kernel[(b, h)](own, S, h0, enter, last, h, nc, Q=chunk, P=p, N=n,
+                                          HAS_H0=initial_state is not None)
+        y = _alloc_like(x)
+        _ssd_chunk_output_kernel[(b * nc, h)](x, B, C, dt, S, enter, D.float().contiguous() if D is not None else S,
+                                              z if z is not None else x, y, l, h, h // g, nc, *strides, Q=chunk,
+                                              P=p, N=n, HAS_D=D is not None, HAS_Z=z is not None, **dots)
+        ctx.mark_non_differentiable(last)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, _dlast):
+        saved = ctx.saved_tensors
+        with torch.enable_grad():
+            ins = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in saved]
+            y = ssd_chunked(*ins[:5], D=ins[5], z=ins[6], dt_bias=ins[7], initial_state=ins[8],
+                            dt_softplus=ctx.dt_softplus, chunk=ctx.chunk)
+            wanted = [t for t in ins if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(y, wanted, dy))
+        return (*[next(grads) if t is not None and t.requires_grad else None for t in ins], None, None)
+
+
+def ssd_chunk_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
+                   return_last_state=False, chunk=64):
+    """Triton SSD (mamba_ssm's `mamba_chunk_scan_combined` form) with the contract of `ssd_scan_ref`;
+    head and state sizes powers of two from 16, D per head. Not yet Mamba2Mixer's path: `python
+    kernels.py ssd` times it first."""
+    (b, l, h, p), n = x.shape, B.shape[-1]
+    pow2 = lambda v: v >= 16 and v & (v - 1) == 0
+    assert pow2(p) and pow2(n) and pow2(chunk) and (D is None or D.dim() == 1), \
+        f"ssd_chunk_scan takes head and state sizes and a chunk that are powers of two from 16, D per head"
+    y, last = SSDChunkScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk)
+    return (y, last) if return_last_state else y
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
@@ -1118,7 +1249,7 @@ def benchmark():
               f" | {cells[-1] * 1e6:.0f} (P={_pieces(ins['u'], g, n)}) |", flush=True)
     # Mamba-2's scan, as mil's Mamba2Mixer calls it: on the Mamba-1 Triton scan, in chunked PyTorch, and
     # mamba_ssm's SSD kernel (Triton: PYTHONPATH=../shared/official-kernels is enough)
-    impls = {"Mamba-1 scan": ssd_scan, "chunked": ssd_chunked}
+    impls = {"Mamba-1 scan": ssd_scan, "chunked": ssd_chunked, "Triton SSD": ssd_chunk_scan}
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
         impls["mamba_ssm"] = lambda *a, **kw: mamba_chunk_scan_combined(*a, chunk_size=256, **kw)
@@ -1129,7 +1260,7 @@ def benchmark():
     print("\n| Mamba-2 scan | b, heads x channels, d_state, groups, L | pass | " +
           " | ".join(f"{k} us" for k in impls) + " | max rel. error vs the loop (first 256 steps) |\n|" + " --- |" * (4 + len(impls)))
     ssd_shapes = {"SSD issue": (8, 32, 64, 64, 32, 2048), "SmolLM2-135M": (16, 9, 64, 64, 9, 512)} if cuda else \
-        {"smoke": (1, 2, 4, 4, 2, 16)}
+        {"smoke": (1, 2, 16, 16, 2, 24)}
     for name, (b, h, p, n, g, L) in ssd_shapes.items() if "ssd" in sections else ():
         r = lambda *s: torch.randn(*s, device=dev)
         ins = dict(x=r(b, L, h, p).bfloat16(), dt=(0.5 * r(b, L, h)).bfloat16(), A=-0.5 - torch.rand(h, device=dev),

@@ -185,6 +185,22 @@ def ssd_inputs(b=2, L=13, h=4, p=3, g=2, n=4, dtype=torch.float32, device="cpu",
                 initial_state=r(b, h, p, n) if has_h0 else None)
 
 
+def check_against_ssd_reference(scan, x, dtype, **kw):
+    """`scan` against the loop on inputs x: outputs, last state and every gradient, per-dtype tolerances."""
+    ref_in, in_ = ({k: v.clone().requires_grad_() if v is not None else None for k, v in x.items()} for _ in range(2))
+    y, last = scan(**in_, dt_softplus=True, return_last_state=True, **kw)
+    y_ref, last_ref = kernels.ssd_scan_ref(**ref_in, dt_softplus=True, return_last_state=True)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(last, last_ref, **TOL[dtype])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for k in x:
+        if x[k] is not None:
+            grad, grad_ref, tol = in_[k].grad.float(), ref_in[k].grad.float(), GRAD_TOL[dtype]
+            torch.testing.assert_close(grad, grad_ref, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, grad_ref.abs().max().item()),
+                                       msg=lambda m: f"gradient of {k}: {m}")
+
 @pytest.mark.parametrize("L,g,options", [(1, 1, (1, 1, 1, 1)), (13, 2, (0, 0, 0, 0)), (13, 4, (2, 1, 1, 1)),
                                          (29, 1, (1, 0, 1, 0)), (29, 2, (0, 1, 0, 1))])
 def test_ssd_reference_matches_closed_form(L, g, options):
@@ -249,20 +265,24 @@ def test_triton_scan_matches_reference(dtype, L, groups, n, options, monkeypatch
 @pytest.mark.parametrize("L,g,options,chunk", [(13, 2, (1, 1, 1, 1), 4), (29, 4, (2, 0, 1, 1), 8),
                                                (8, 1, (0, 0, 0, 0), 8), (1, 2, (1, 1, 0, 1), 4)])
 def test_ssd_chunked_matches_reference(L, g, options, chunk):
-    """The chunked matmul form (lengths not multiples of the chunk) against the loop: outputs, last
-    state and every gradient."""
-    x = ssd_inputs(L=L, g=g, options=options)
-    ref_in, in_ = ({k: v.clone().requires_grad_() if v is not None else None for k, v in x.items()} for _ in range(2))
-    y_ref, last_ref = kernels.ssd_scan_ref(**ref_in, dt_softplus=True, return_last_state=True)
-    y, last = kernels.ssd_chunked(**in_, dt_softplus=True, return_last_state=True, chunk=chunk)
-    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
-    torch.testing.assert_close(last, last_ref, **TOL[torch.float32])
-    dy, dlast = torch.randn_like(y), torch.randn_like(last)
-    torch.autograd.backward([y, last], [dy, dlast])
-    torch.autograd.backward([y_ref, last_ref], [dy, dlast])
-    for k in x:
-        if x[k] is not None:
-            torch.testing.assert_close(in_[k].grad, ref_in[k].grad, **GRAD_TOL[torch.float32], msg=lambda m: f"{k}: {m}")
+    """The chunked matmul form, lengths not multiples of the chunk."""
+    check_against_ssd_reference(kernels.ssd_chunked, ssd_inputs(L=L, g=g, options=options), torch.float32, chunk=chunk)
+
+
+SSD_TRITON_CASES = [(dt, L, g, o) for dt, L, g, o in itertools.product([torch.float32, torch.bfloat16], [1, 64, 300], [1, 4],
+                                                                       [(1, 1, 1, 1), (0, 0, 0, 0)])] if GPU else \
+    [(torch.float32, 40, 2, (1, 1, 1, 1)), (torch.bfloat16, 7, 1, (1, 0, 1, 1)), (torch.float32, 16, 4, (0, 0, 0, 0))]
+
+
+@pytest.mark.parametrize("dtype,L,g,options", SSD_TRITON_CASES)
+def test_triton_ssd_matches_reference(dtype, L, g, options, monkeypatch):
+    """The Triton SSD forward (chunks of 16 on the CPU: several chunks, a partial last one) and the
+    gradients of its backward (the chunked form's)."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    h, p, n, chunk = (8, 64, 64, 64) if GPU else (4, 16, 16, 16)
+    x = ssd_inputs(b=2, L=L, h=h, p=p, g=g, n=n, dtype=dtype, device=DEV, options=options)
+    check_against_ssd_reference(kernels.ssd_chunk_scan, x, dtype, chunk=chunk)
+
 
 @pytest.mark.parametrize("backend", ["ref", "auto"])
 def test_ssd_step_matches_reference_scan(backend, monkeypatch):
@@ -278,6 +298,7 @@ def test_ssd_step_matches_reference_scan(backend, monkeypatch):
     torch.testing.assert_close(torch.stack(ys, 1), y, **TOL[torch.float32])
     torch.testing.assert_close(state, last, **TOL[torch.float32])
 
+
 SSD_CASES = [(dt, L, g, o) for dt, L, g, o in itertools.product([torch.float32, torch.bfloat16], [1, 300], [1, 4],
                                                                  [(1, 1, 1, 1), (0, 0, 0, 0), (2, 0, 1, 1)])] if GPU else \
     [(torch.float32, 13, 2, (1, 1, 1, 1)), (torch.bfloat16, 9, 1, (2, 0, 1, 1)), (torch.float32, 1, 2, (0, 0, 0, 0))]
@@ -285,31 +306,15 @@ SSD_CASES = [(dt, L, g, o) for dt, L, g, o in itertools.product([torch.float32, 
 
 @pytest.mark.parametrize("dtype,L,g,options", SSD_CASES)
 def test_ssd_scan_matches_reference(dtype, L, g, options, monkeypatch):
-    """Mamba-2's scan (on the Mamba-1 Triton scan: Delta and A broadcast over a head's channels)
-    against its loop: outputs, last state and every gradient."""
+    """Mamba-2's scan where Triton runs (the Mamba-1 Triton scan: Delta and A broadcast over a head's
+    channels)."""
     monkeypatch.setattr(kernels, "POISON", True)
     kernels.BACKEND = "auto"
     if not GPU:
         monkeypatch.setattr(kernels, "CHUNK", 8)
     h, p, n = (8, 16, 16) if GPU else (4, 2, 4)
     x = ssd_inputs(b=2, L=L, h=h, p=p, g=g, n=n, dtype=dtype, device=DEV, options=options)
-    ref_in = {k: v.clone().requires_grad_() if v is not None else None for k, v in x.items()}
-    for v in x.values():
-        if v is not None:
-            v.requires_grad_()
-    y, last = kernels.ssd_scan(**x, dt_softplus=True, return_last_state=True)
-    y_ref, last_ref = kernels.ssd_scan_ref(**ref_in, dt_softplus=True, return_last_state=True)
-    torch.testing.assert_close(y, y_ref, **TOL[dtype])
-    torch.testing.assert_close(last, last_ref, **TOL[dtype])
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref.backward(dy)
-    for k in x:
-        if x[k] is not None:
-            grad, grad_ref, tol = x[k].grad, ref_in[k].grad, GRAD_TOL[dtype]
-            torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=tol["rtol"],
-                                       atol=tol["atol"] * max(1.0, grad_ref.abs().max().item()),
-                                       msg=lambda m: f"gradient of {k}: {m}")
+    check_against_ssd_reference(kernels.ssd_scan, x, dtype)
 
 
 @pytest.mark.parametrize("b,autocast", [(1, False), (2, True)])
