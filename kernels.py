@@ -582,23 +582,30 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, D, eps, BLOCK: tl.co
 
 
 @triton.jit
+def _ssd_tile(L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg, Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr):
+    """A program's chunk c of head h in batch row b: its steps i (t in the sequence), which are live, the offsets of its
+    (Q, P) tile of x (z, y, dy alike), of its (Q, N) tile of B (C alike), of its (P, N) states, of its S row."""
+    bc, h = tl.program_id(0), tl.program_id(1)
+    b, c, i = bc // NC, bc % NC, tl.arange(0, Q)
+    t = c * Q + i
+    xy = b * sxb + t[:, None] * sxl + h * sxh + tl.arange(0, P)[None, :]
+    BC = b * sBb + t[:, None] * sBl + (h // REP) * sBg + tl.arange(0, N)[None, :]
+    state = ((b * NC + c) * H + h) * P * N + tl.arange(0, P)[:, None] * N + tl.arange(0, N)[None, :]
+    return b, h, i, t, (t < L)[:, None], xy, BC, state, ((b * H + h) * NC + c) * Q
+
+
+@triton.jit
 def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, S_ptr, own_ptr, L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg,
                             Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr):
     # one chunk of one head: own = sum_s exp(S_last - S_s) Delta_s x_s B_s^T   (P, N)
-    bc, h, dtype = tl.program_id(0), tl.program_id(1), tl.float32 if F32 else x_ptr.dtype.element_ty
-    b, c = bc // NC, bc % NC
-    t = c * Q + tl.arange(0, Q)
-    live = t < L
-    p, n = tl.arange(0, P), tl.arange(0, N)
-    x = tl.load(x_ptr + b * sxb + t[:, None] * sxl + h * sxh + p[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-    B = tl.load(B_ptr + b * sBb + t[:, None] * sBl + (h // REP) * sBg + n[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-    row = ((b * H + h) * NC + c) * Q
-    S = tl.load(S_ptr + row + tl.arange(0, Q))
-    dt = tl.load(dt_ptr + row + tl.arange(0, Q))
-    S_last = tl.load(S_ptr + row + Q - 1)
+    b, h, i, t, live, xy, BC, state, row = _ssd_tile(L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg, Q, P, N)
+    dtype = tl.float32 if F32 else x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + xy, mask=live, other=0.0).to(tl.float32)
+    B = tl.load(B_ptr + BC, mask=live, other=0.0)
+    S, dt, S_last = tl.load(S_ptr + row + i), tl.load(dt_ptr + row + i), tl.load(S_ptr + row + Q - 1)
     w = tl.exp(S_last - S) * dt  # (Q,)
     own = tl.dot(tl.trans(x * w[:, None]).to(dtype), B.to(dtype), input_precision=PRECISION)  # (P, N)
-    tl.store(own_ptr + ((b * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :], own)
+    tl.store(own_ptr + state, own)
 
 
 @triton.jit
@@ -623,30 +630,93 @@ def _ssd_chunk_output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, S_ptr, enter_ptr, D_pt
                              sxb, sxl, sxh, sBb, sBl, sBg, Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
                              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr):
     # one chunk of one head: y_t = sum_{s<=t} (C_t . B_s) exp(S_t - S_s) Delta_s x_s + exp(S_t) C_t . h_in
-    bc, h, dtype = tl.program_id(0), tl.program_id(1), tl.float32 if F32 else x_ptr.dtype.element_ty
-    b, c = bc // NC, bc % NC
-    i = tl.arange(0, Q)
-    t = c * Q + i
-    live = t < L
-    p, n = tl.arange(0, P), tl.arange(0, N)
-    xy = b * sxb + t[:, None] * sxl + h * sxh + p[None, :]  # x, z and y share a layout
-    x = tl.load(x_ptr + xy, mask=live[:, None], other=0.0)
-    BC = b * sBb + t[:, None] * sBl + (h // REP) * sBg + n[None, :]
-    B = tl.load(B_ptr + BC, mask=live[:, None], other=0.0)
-    C = tl.load(C_ptr + BC, mask=live[:, None], other=0.0)
-    row = ((b * H + h) * NC + c) * Q
+    b, h, i, t, live, xy, BC, state, row = _ssd_tile(L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg, Q, P, N)
+    dtype = tl.float32 if F32 else x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + xy, mask=live, other=0.0)
+    B, C = tl.load(B_ptr + BC, mask=live, other=0.0).to(dtype), tl.load(C_ptr + BC, mask=live, other=0.0).to(dtype)
     S, dt = tl.load(S_ptr + row + i), tl.load(dt_ptr + row + i)
     decay = tl.where(i[:, None] >= i[None, :], tl.exp(S[:, None] - S[None, :]), 0.0)  # (Q, Q), causal
-    M = tl.dot(C.to(dtype), tl.trans(B.to(dtype)), input_precision=PRECISION) * decay * dt[None, :]  # the chunk's (t, s) matrix
-    h_in = tl.load(enter_ptr + ((b * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :])  # (P, N)
+    M = tl.dot(C, tl.trans(B), input_precision=PRECISION) * decay * dt[None, :]  # the chunk's (t, s) matrix
+    h_in = tl.load(enter_ptr + state)  # (P, N)
     y = tl.dot(M.to(dtype), x.to(dtype), input_precision=PRECISION) + \
-        tl.exp(S)[:, None] * tl.dot(C.to(dtype), tl.trans(h_in).to(dtype), input_precision=PRECISION)  # (Q, P)
+        tl.exp(S)[:, None] * tl.dot(C, tl.trans(h_in).to(dtype), input_precision=PRECISION)  # (Q, P)
     if HAS_D:
         y += tl.load(D_ptr + h) * x.to(tl.float32)
     if HAS_Z:
-        z = tl.load(z_ptr + xy, mask=live[:, None], other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + xy, mask=live, other=0.0).to(tl.float32)
         y *= z / (1 + tl.exp(-z))
-    tl.store(y_ptr + xy, y.to(y_ptr.dtype.element_ty), mask=live[:, None])
+    tl.store(y_ptr + xy, y.to(y_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _ssd_bwd_entering_kernel(dy_ptr, C_ptr, S_ptr, dh_ptr, L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg,
+                             Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr):
+    # what each chunk's outputs ask of the state entering it: sum_t exp(S_t) dy_t C_t^T   (P, N)
+    b, h, i, t, live, xy, BC, state, row = _ssd_tile(L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg, Q, P, N)
+    dy = tl.load(dy_ptr + xy, mask=live, other=0.0).to(tl.float32)
+    C = tl.load(C_ptr + BC, mask=live, other=0.0).to(tl.float32)
+    S = tl.load(S_ptr + row + i)
+    tl.store(dh_ptr + state, tl.dot(tl.trans(dy * tl.exp(S)[:, None]), C, input_precision="ieee"))
+
+
+@triton.jit
+def _ssd_bwd_passing_kernel(dh_ptr, enter_ptr, S_ptr, dlast_ptr, down_ptr, dSlast_ptr, dh0_ptr, H, NC,
+                            Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr, HAS_DLAST: tl.constexpr):
+    # the state passing run backwards: g_c = dh_c + exp(S_last[c]) g_{c+1}; d own[c] = g_{c+1}
+    b, h = tl.program_id(0), tl.program_id(1)
+    tile = tl.arange(0, P)[:, None] * N + tl.arange(0, N)[None, :]
+    g = tl.zeros((P, N), dtype=tl.float32)
+    if HAS_DLAST:
+        g = tl.load(dlast_ptr + (b * H + h) * P * N + tile)
+    for k in range(NC):
+        c = NC - 1 - k
+        at = ((b * NC + c) * H + h) * P * N
+        tl.store(down_ptr + at + tile, g)
+        decay = tl.exp(tl.load(S_ptr + ((b * H + h) * NC + c) * Q + Q - 1))
+        tl.store(dSlast_ptr + (b * H + h) * NC + c, decay * tl.sum(tl.sum(g * tl.load(enter_ptr + at + tile), 1), 0))
+        g = tl.load(dh_ptr + at + tile) + decay * g
+    tl.store(dh0_ptr + (b * H + h) * P * N + tile, g)
+
+
+@triton.jit
+def _ssd_bwd_chunk_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, S_ptr, enter_ptr, down_ptr, dSlast_ptr, dy_ptr,
+                          du_ptr, dB_ptr, dC_ptr, dS_ptr, L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg,
+                          Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr):
+    # one chunk of one head, backward through its outputs and its own state: d(Delta x), dB, dC (per head),
+    # dS; float32 tile products
+    b, h, i, t, live, xy, BC, state, row = _ssd_tile(L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg, Q, P, N)
+    x = tl.load(x_ptr + xy, mask=live, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + xy, mask=live, other=0.0).to(tl.float32)
+    B = tl.load(B_ptr + BC, mask=live, other=0.0).to(tl.float32)
+    C = tl.load(C_ptr + BC, mask=live, other=0.0).to(tl.float32)
+    S, dt, S_last = tl.load(S_ptr + row + i), tl.load(dt_ptr + row + i), tl.load(S_ptr + row + Q - 1)
+    h_in, G = tl.load(enter_ptr + state), tl.load(down_ptr + state)  # (P, N) each: the entering state, d own
+    u = x * dt[:, None]  # (Q, P)
+    E = tl.where(i[:, None] >= i[None, :], tl.exp(S[:, None] - S[None, :]), 0.0)  # (Q, Q)
+    CB = tl.dot(C, tl.trans(B), input_precision="ieee")
+    dM = tl.dot(dy, tl.trans(u), input_precision="ieee") * E  # dy u^T, where the chunk's matrix lives
+    du = tl.dot(tl.trans(CB * E), dy, input_precision="ieee")  # (Q, P)
+    dCB = dM  # d(CB) = dM * E, already
+    dC = tl.dot(dCB, B, input_precision="ieee")
+    dB = tl.dot(tl.trans(dCB), C, input_precision="ieee")
+    q = dM * CB  # d(S_t - S_s) of each (t, s)
+    dS = tl.sum(q, 1) - tl.sum(q, 0)
+    eS = tl.exp(S)
+    V = tl.dot(dy, h_in, input_precision="ieee")  # (Q, N): the entering state's part
+    dC += eS[:, None] * V
+    dS += eS * tl.sum(C * V, 1)
+    w = tl.exp(S_last - S)  # the chunk's own state
+    T = tl.dot(B, tl.trans(G), input_precision="ieee")  # (Q, P)
+    du += w[:, None] * T
+    dB += w[:, None] * tl.dot(u, G, input_precision="ieee")
+    dw = w * tl.sum(u * T, 1)
+    dS -= dw
+    dS += tl.where(i == Q - 1, tl.sum(dw, 0) + tl.load(dSlast_ptr + row // Q), 0.0)
+    tl.store(du_ptr + xy, du, mask=live)  # (x is contiguous: du shares its offsets)
+    per_head = ((b * L + t[:, None]) * H + h) * N + tl.arange(0, N)[None, :]  # dB, dC per head (b, l, h, n)
+    tl.store(dB_ptr + per_head, dB, mask=live)
+    tl.store(dC_ptr + per_head, dC, mask=live)
+    tl.store(dS_ptr + row + i, dS)
 
 
 def _blocks(di, groups, n, channels=None):
@@ -1013,55 +1083,80 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, in
 
 
 class SSDChunkScanFn(torch.autograd.Function):
-    """The Triton SSD forward; the backward is `ssd_chunked`'s (recomputed under autograd) until a
-    Triton backward exists."""
+    """The Triton SSD, forward and backward (mamba_ssm's chunked form, as `ssd_chunked` writes it)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk):
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state)
-        ctx.dt_softplus, ctx.chunk = dt_softplus, chunk
         (b, l, h, p), (g, n) = x.shape, B.shape[2:]
-        dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
-        dt = F.softplus(dt) if dt_softplus else dt
+        Delta = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
+        Delta = F.softplus(Delta) if dt_softplus else Delta  # (b, l, h)
         nc = -(-l // chunk)
-        dt = rearrange(F.pad(dt, (0, 0, 0, nc * chunk - l)), "b (c q) h -> b h c q", q=chunk).contiguous()
-        S = torch.cumsum(dt * A.float()[:, None, None], dim=-1).contiguous()  # (b, h, c, q) log decay in the chunk
+        Delta_c = rearrange(F.pad(Delta, (0, 0, 0, nc * chunk - l)), "b (c q) h -> b h c q", q=chunk).contiguous()
+        S = torch.cumsum(Delta_c * A.float()[:, None, None], dim=-1).contiguous()  # (b, h, c, q) log decay in the chunk
         x, B, C, z = _flat(x, B, C, z)
         own = torch.empty(b, nc, h, p, n, device=x.device, dtype=torch.float32)  # each chunk's state from zero
         enter, last = torch.empty_like(own), torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
-        strides = (*x.stride()[:3], *B.stride()[:3])
-        # tile products in the inputs' dtype (tensor cores); in float32 exactly for float32 inputs, and under
-        # the interpreter, whose 16-bit tile products are wrong
-        f32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-        dots = dict(F32=f32, PRECISION="ieee" if f32 else "tf32")
-        _ssd_chunk_state_kernel[(b * nc, h)](x, B, dt, S, own, l, h, h // g, nc, *strides, Q=chunk, P=p, N=n, **dots)
-        h0 = initial_state.float().contiguous() if initial_state is not None else last
-        _ssd_state_passing_kernel[(b, h)](own, S, h0, enter, last, h, nc, Q=chunk, P=p, N=n,
-                                          HAS_H0=initial_state is not None)
-        y = _alloc_like(x)
-        _ssd_chunk_output_kernel[(b * nc, h)](x, B, C, dt, S, enter, D.float().contiguous() if D is not None else S,
-                                              z if z is not None else x, y, l, h, h // g, nc, *strides, Q=chunk,
-                                              P=p, N=n, HAS_D=D is not None, HAS_Z=z is not None, **dots)
-        ctx.mark_non_differentiable(last)
+        ctx.grid, ctx.sizes = (b * nc, h), (l, h, h // g, nc, *x.stride()[:3], *B.stride()[:3])
+        _ssd_chunk_state_kernel[ctx.grid](x, B, Delta_c, S, own, *ctx.sizes, Q=chunk, P=p, N=n, **_ssd_dots(x))
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        _ssd_state_passing_kernel[(b, h)](own, S, h0 if h0 is not None else last, enter, last, h, nc, Q=chunk, P=p,
+                                          N=n, HAS_H0=h0 is not None)
+        y = _ssd_outputs(ctx, x, B, C, Delta_c, S, enter, D, z, chunk)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, Delta, Delta_c, S, enter)
+        ctx.dt_softplus, ctx.chunk, ctx.has_h0 = dt_softplus, chunk, h0 is not None
         return y, last
 
     @staticmethod
-    def backward(ctx, dy, _dlast):
-        saved = ctx.saved_tensors
-        with torch.enable_grad():
-            ins = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in saved]
-            y = ssd_chunked(*ins[:5], D=ins[5], z=ins[6], dt_bias=ins[7], initial_state=ins[8],
-                            dt_softplus=ctx.dt_softplus, chunk=ctx.chunk)
-            wanted = [t for t in ins if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, dy))
-        return (*[next(grads) if t is not None and t.requires_grad else None for t in ins], None, None)
+    def backward(ctx, dy, dlast):
+        x, dt, A, B, C, D, z, dt_bias, Delta, Delta_c, S, enter = ctx.saved_tensors
+        (b, l, h, p), (g, n), (bnc, _), nc = x.shape, B.shape[2:], ctx.grid, ctx.sizes[3]
+        dz = dD = None
+        dy = dy.float()
+        if z is not None:  # through the gate: y = y0 silu(z)
+            y0, sig = _ssd_outputs(ctx, x, B, C, Delta_c, S, enter, D, None, ctx.chunk).float(), torch.sigmoid(z.float())
+            dz = (dy * y0 * sig * (1 + z.float() * (1 - sig))).to(z.dtype)
+            dy = dy * z.float() * sig
+        if D is not None:  # y0 = scan + D x
+            dD = (dy * x.float()).sum((0, 1, 3))
+        dy = dy.contiguous()
+        f32 = dict(device=x.device, dtype=torch.float32)
+        shape, kw = (b, nc, h, p, n), dict(Q=ctx.chunk, P=p, N=n)
+        dh, down, dSlast, dh0 = torch.empty(shape, **f32), torch.empty(shape, **f32), torch.empty(b, h, nc, **f32), \
+            torch.empty(b, h, p, n, **f32)
+        _ssd_bwd_entering_kernel[ctx.grid](dy, C, S, dh, *ctx.sizes, **kw)
+        _ssd_bwd_passing_kernel[(b, h)](dh, enter, S, dlast.contiguous(), down, dSlast, dh0, h, nc, **kw, HAS_DLAST=True)
+        du, dBh, dCh, dS = torch.empty(b, l, h, p, **f32), torch.empty(b, l, h, n, **f32), \
+            torch.empty(b, l, h, n, **f32), torch.empty_like(S)
+        _ssd_bwd_chunk_kernel[ctx.grid](x, B, C, Delta_c, S, enter, down, dSlast, dy, du, dBh, dCh, dS, *ctx.sizes, **kw)
+        da = rearrange(torch.flip(torch.cumsum(torch.flip(dS, [-1]), -1), [-1]), "b h c q -> b (c q) h")[:, :l]
+        dDelta = da * A.float() + (du * x.float()).sum(-1)  # S = cumsum(Delta A); u = Delta x
+        dx = du * Delta[..., None] + (D.float()[:, None] * dy if D is not None else 0)
+        ddt = dDelta * torch.sigmoid(dt.float() + (dt_bias.float() if dt_bias is not None else 0)) if ctx.dt_softplus \
+            else dDelta
+        group = lambda t: t.unflatten(2, (g, h // g)).sum(3).to(B.dtype)  # heads -> their group
+        return (dx.to(x.dtype), ddt.to(dt.dtype), (da * Delta).sum((0, 1)), group(dBh), group(dCh), dD, dz,
+                ddt.sum((0, 1)) if dt_bias is not None else None, dh0 if ctx.has_h0 else None, None, None)
+
+
+def _ssd_dots(x):  # tile products in the inputs' dtype (tensor cores); float32 ones exactly, and under the
+    # interpreter, whose 16-bit tile products are wrong
+    f32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    return dict(F32=f32, PRECISION="ieee" if f32 else "tf32")
+
+
+def _ssd_outputs(ctx, x, B, C, Delta_c, S, enter, D, z, chunk):
+    y = _alloc_like(x)
+    _ssd_chunk_output_kernel[ctx.grid](x, B, C, Delta_c, S, enter, D.float().contiguous() if D is not None else S,
+                                       z if z is not None else x, y, *ctx.sizes, Q=chunk, P=x.shape[3], N=B.shape[3],
+                                       HAS_D=D is not None, HAS_Z=z is not None, **_ssd_dots(x))
+    return y
 
 
 def ssd_chunk_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
                    return_last_state=False, chunk=64):
-    """Triton SSD (mamba_ssm's `mamba_chunk_scan_combined` form) with the contract of `ssd_scan_ref`;
-    head and state sizes powers of two from 16, D per head. Not yet Mamba2Mixer's path: `python
-    kernels.py ssd` times it first."""
+    """The Triton SSD, forward and backward (mamba_ssm's `mamba_chunk_scan_combined` form), with the
+    contract of `ssd_scan_ref`; head and state sizes powers of two from 16, D per head. Not yet
+    Mamba2Mixer's path: `python kernels.py ssd` times it first."""
     (b, l, h, p), n = x.shape, B.shape[-1]
     pow2 = lambda v: v >= 16 and v & (v - 1) == 0
     assert pow2(p) and pow2(n) and pow2(chunk) and (D is None or D.dim() == 1), \

@@ -192,9 +192,9 @@ def check_against_ssd_reference(scan, x, dtype, **kw):
     y_ref, last_ref = kernels.ssd_scan_ref(**ref_in, dt_softplus=True, return_last_state=True)
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
     torch.testing.assert_close(last, last_ref, **TOL[dtype])
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref.backward(dy)
+    dy, dlast = torch.randn_like(y), torch.randn_like(last) * last.requires_grad  # (the Mamba-1 scan's: no dlast)
+    torch.autograd.backward([y, last] if last.requires_grad else [y], [dy, dlast] if last.requires_grad else [dy])
+    torch.autograd.backward([y_ref, last_ref], [dy, dlast])
     for k in x:
         if x[k] is not None:
             grad, grad_ref, tol = in_[k].grad.float(), ref_in[k].grad.float(), GRAD_TOL[dtype]
@@ -276,8 +276,8 @@ SSD_TRITON_CASES = [(dt, L, g, o) for dt, L, g, o in itertools.product([torch.fl
 
 @pytest.mark.parametrize("dtype,L,g,options", SSD_TRITON_CASES)
 def test_triton_ssd_matches_reference(dtype, L, g, options, monkeypatch):
-    """The Triton SSD forward (chunks of 16 on the CPU: several chunks, a partial last one) and the
-    gradients of its backward (the chunked form's)."""
+    """The Triton SSD, forward and backward (chunks of 16 on the CPU: several chunks, a partial last
+    one; groups; with and without D, z, Delta's bias, an initial state)."""
     monkeypatch.setattr(kernels, "POISON", True)
     h, p, n, chunk = (8, 64, 64, 64) if GPU else (4, 16, 16, 16)
     x = ssd_inputs(b=2, L=L, h=h, p=p, g=g, n=n, dtype=dtype, device=DEV, options=options)
