@@ -1109,7 +1109,7 @@ class SSDChunkScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dlast):
         x, dt, A, B, C, D, z, dt_bias, Delta, Delta_c, S, enter = ctx.saved_tensors
-        (b, l, h, p), (g, n), (bnc, _), nc = x.shape, B.shape[2:], ctx.grid, ctx.sizes[3]
+        (b, l, h, p), (g, n), nc = x.shape, B.shape[2:], ctx.sizes[3]
         dz = dD = None
         dy = dy.float()
         if z is not None:  # through the gate: y = y0 silu(z)
@@ -1160,7 +1160,8 @@ def ssd_chunk_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
     (b, l, h, p), n = x.shape, B.shape[-1]
     pow2 = lambda v: v >= 16 and v & (v - 1) == 0
     assert pow2(p) and pow2(n) and pow2(chunk) and (D is None or D.dim() == 1), \
-        f"ssd_chunk_scan takes head and state sizes and a chunk that are powers of two from 16, D per head"
+        f"ssd_chunk_scan takes head and state sizes and a chunk that are powers of two from 16, and D per head; " \
+        f"got {p}, {n}, {chunk}, D {None if D is None else tuple(D.shape)}"
     y, last = SSDChunkScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk)
     return (y, last) if return_last_state else y
 
