@@ -132,20 +132,27 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     return (y.to(x.dtype), state) if return_last_state else y.to(x.dtype)
 
 
+def _ssd_decays(dt, A, dt_bias, dt_softplus, chunk):
+    """Delta (b, l, h) float32; the same in chunks, padded with Delta = 0 (which leaves a state alone),
+    (b, h, c, q); and S, each chunk's log decay since its start, cumsum(Delta A) (b, h, c, q)."""
+    Delta = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
+    Delta = F.softplus(Delta) if dt_softplus else Delta
+    Delta_c = rearrange(F.pad(Delta, (0, 0, 0, -dt.shape[1] % chunk)), "b (c q) h -> b h c q", q=chunk).contiguous()
+    return Delta, Delta_c, torch.cumsum(Delta_c * A.float()[:, None, None], dim=-1).contiguous()
+
+
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
                 return_last_state=False, chunk=64):
     """The same scan in Mamba-2's chunked matmul form ("state space duality"), the contract of
     `ssd_scan_ref`, in float32 PyTorch (its backward is autograd's): time cut into chunks of `chunk`
     steps; within a chunk the outputs are a masked matrix product, across chunks a short scan of
-    states. Where Triton does not run; 7-14x faster than the loop on 2 CPU cores (b 16, L 64-512)."""
+    states. The path where Triton does not run."""
     (b, l, h, p), (g, n) = x.shape, B.shape[2:]
-    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
-    dt = F.softplus(dt) if dt_softplus else dt  # (b, l, h)
-    pad = -l % chunk  # steps past the end get Delta = 0, which leaves the state alone
+    dt, _, S = _ssd_decays(dt, A, dt_bias, dt_softplus, chunk)  # (b, l, h); S (b, h, c, q)
+    pad = -l % chunk
     chunks = lambda t, names: rearrange(F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)), f"b (c q) {names}", q=chunk)
     xdt = chunks(x.float() * dt[..., None], "h p -> b c q h p")  # Delta_s x_s
     B, C = (chunks(t.float().repeat_interleave(h // g, dim=2), "h n -> b c q h n") for t in (B, C))
-    S = torch.cumsum(chunks(dt * A.float(), "h -> b h c q"), dim=-1)  # (b, h, c, q) log decay since the chunk's start
     # 1. within each chunk: y_t = sum_{s<=t} (C_t . B_s) exp(S_t - S_s) Delta_s x_s
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     decay = torch.exp((S[..., :, None] - S[..., None, :]).masked_fill(~causal, -math.inf))  # (b, h, c, t, s)
@@ -1088,11 +1095,8 @@ class SSDChunkScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk):
         (b, l, h, p), (g, n) = x.shape, B.shape[2:]
-        Delta = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
-        Delta = F.softplus(Delta) if dt_softplus else Delta  # (b, l, h)
-        nc = -(-l // chunk)
-        Delta_c = rearrange(F.pad(Delta, (0, 0, 0, nc * chunk - l)), "b (c q) h -> b h c q", q=chunk).contiguous()
-        S = torch.cumsum(Delta_c * A.float()[:, None, None], dim=-1).contiguous()  # (b, h, c, q) log decay in the chunk
+        Delta, Delta_c, S = _ssd_decays(dt, A, dt_bias, dt_softplus, chunk)
+        nc = S.shape[2]
         x, B, C, z = _flat(x, B, C, z)
         own = torch.empty(b, nc, h, p, n, device=x.device, dtype=torch.float32)  # each chunk's state from zero
         enter, last = torch.empty_like(own), torch.empty(b, h, p, n, device=x.device, dtype=torch.float32)
