@@ -657,13 +657,13 @@ def _ssd_chunk_output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, S_ptr, enter_ptr, D_pt
 
 @triton.jit
 def _ssd_bwd_entering_kernel(dy_ptr, C_ptr, S_ptr, dh_ptr, L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg,
-                             Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr):
+                             Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
     # what each chunk's outputs ask of the state entering it: sum_t exp(S_t) dy_t C_t^T   (P, N)
     b, h, i, t, live, xy, BC, state, row = _ssd_tile(L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg, Q, P, N)
     dy = tl.load(dy_ptr + xy, mask=live, other=0.0).to(tl.float32)
     C = tl.load(C_ptr + BC, mask=live, other=0.0).to(tl.float32)
     S = tl.load(S_ptr + row + i)
-    tl.store(dh_ptr + state, tl.dot(tl.trans(dy * tl.exp(S)[:, None]), C, input_precision="ieee"))
+    tl.store(dh_ptr + state, tl.dot(tl.trans(dy * tl.exp(S)[:, None]), C, input_precision=PRECISION))
 
 
 @triton.jit
@@ -688,9 +688,9 @@ def _ssd_bwd_passing_kernel(dh_ptr, enter_ptr, S_ptr, dlast_ptr, down_ptr, dSlas
 @triton.jit
 def _ssd_bwd_chunk_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, S_ptr, enter_ptr, down_ptr, dSlast_ptr, dy_ptr,
                           du_ptr, dB_ptr, dC_ptr, dS_ptr, L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg,
-                          Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr):
+                          Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
     # one chunk of one head, backward through its outputs and its own state: d(Delta x), dB, dC (per head),
-    # dS; float32 tile products
+    # dS; float32 tiles (their products TF32 for 16-bit inputs)
     b, h, i, t, live, xy, BC, state, row = _ssd_tile(L, H, REP, NC, sxb, sxl, sxh, sBb, sBl, sBg, Q, P, N)
     x = tl.load(x_ptr + xy, mask=live, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + xy, mask=live, other=0.0).to(tl.float32)
@@ -700,22 +700,22 @@ def _ssd_bwd_chunk_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, S_ptr, enter_ptr, down_pt
     h_in, G = tl.load(enter_ptr + state), tl.load(down_ptr + state)  # (P, N) each: the entering state, d own
     u = x * dt[:, None]  # (Q, P)
     E = tl.where(i[:, None] >= i[None, :], tl.exp(S[:, None] - S[None, :]), 0.0)  # (Q, Q)
-    CB = tl.dot(C, tl.trans(B), input_precision="ieee")
-    dM = tl.dot(dy, tl.trans(u), input_precision="ieee") * E  # dy u^T, where the chunk's matrix lives
-    du = tl.dot(tl.trans(CB * E), dy, input_precision="ieee")  # (Q, P)
+    CB = tl.dot(C, tl.trans(B), input_precision=PRECISION)
+    dM = tl.dot(dy, tl.trans(u), input_precision=PRECISION) * E  # dy u^T, where the chunk's matrix lives
+    du = tl.dot(tl.trans(CB * E), dy, input_precision=PRECISION)  # (Q, P)
     dCB = dM  # d(CB) = dM * E, already
-    dC = tl.dot(dCB, B, input_precision="ieee")
-    dB = tl.dot(tl.trans(dCB), C, input_precision="ieee")
+    dC = tl.dot(dCB, B, input_precision=PRECISION)
+    dB = tl.dot(tl.trans(dCB), C, input_precision=PRECISION)
     q = dM * CB  # d(S_t - S_s) of each (t, s)
     dS = tl.sum(q, 1) - tl.sum(q, 0)
     eS = tl.exp(S)
-    V = tl.dot(dy, h_in, input_precision="ieee")  # (Q, N): the entering state's part
+    V = tl.dot(dy, h_in, input_precision=PRECISION)  # (Q, N): the entering state's part
     dC += eS[:, None] * V
     dS += eS * tl.sum(C * V, 1)
     w = tl.exp(S_last - S)  # the chunk's own state
-    T = tl.dot(B, tl.trans(G), input_precision="ieee")  # (Q, P)
+    T = tl.dot(B, tl.trans(G), input_precision=PRECISION)  # (Q, P)
     du += w[:, None] * T
-    dB += w[:, None] * tl.dot(u, G, input_precision="ieee")
+    dB += w[:, None] * tl.dot(u, G, input_precision=PRECISION)
     dw = w * tl.sum(u * T, 1)
     dS -= dw
     dS += tl.where(i == Q - 1, tl.sum(dw, 0) + tl.load(dSlast_ptr + row // Q), 0.0)
@@ -1067,16 +1067,26 @@ def scan(u, delta, A, B, C, initial_state=None, **kw):
 
 def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
              return_last_state=False):
-    """Mamba-2's scan with the contract of `ssd_scan_ref`. Where Triton runs (and under --scan=mamba_ssm)
-    the recurrence is Mamba-1's with Delta and A the same for every channel of a head, so this is `scan`
-    over the h p channels (`ssd_chunk_scan`, the Triton SSD, takes over once measured); elsewhere
-    `ssd_chunked` (the loop with --scan=ref). It says which once."""
+    """Mamba-2's scan with the contract of `ssd_scan_ref`. Where Triton runs: the Triton SSD
+    (`ssd_chunk_scan`) for 16-bit inputs whose head and state sizes it takes, else Mamba-1's scan over the
+    h p channels with Delta and A the same for every channel of a head (also under --scan=mamba_ssm);
+    elsewhere `ssd_chunked` (the loop with --scan=ref). It says which once."""
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
               return_last_state=return_last_state)
     if BACKEND != "mamba_ssm" and not use_triton(x.device):
         say_once("Mamba-2: " + ("the reference loop" if BACKEND == "ref" else "the chunked (SSD) scan in PyTorch"))
         return (ssd_scan_ref if BACKEND == "ref" else ssd_chunked)(x, dt, A, B, C, **kw)
+    p, n = x.shape[-1], B.shape[-1]
+    if BACKEND != "mamba_ssm" and x.dtype != torch.float32 and _ssd_sizes_ok(p, n, D):
+        say_once("Mamba-2: the Triton SSD (chunked matmul form)")
+        return ssd_chunk_scan(x, dt, A, B, C, **kw)
     say_once("Mamba-2 runs on the Mamba-1 scan: Delta and A broadcast over each head's channels")
+    return ssd_by_channels(x, dt, A, B, C, **kw)
+
+
+def ssd_by_channels(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
+                    return_last_state=False):
+    """Mamba-2's scan as Mamba-1's (`scan`) over the h p channels, Delta and A the same for a head's."""
     (b, l, h, p), n = x.shape, B.shape[-1]
     per_channel = lambda t: t.repeat_interleave(p, dim=-1) if t is not None else None  # (.., h) -> (.., h p)
     by_time = lambda t: rearrange(t, "b l ... -> b (...) l") if t is not None else None
@@ -1127,11 +1137,12 @@ class SSDChunkScanFn(torch.autograd.Function):
         shape, kw = (b, nc, h, p, n), dict(Q=ctx.chunk, P=p, N=n)
         dh, down, dSlast, dh0 = torch.empty(shape, **f32), torch.empty(shape, **f32), torch.empty(b, h, nc, **f32), \
             torch.empty(b, h, p, n, **f32)
-        _ssd_bwd_entering_kernel[ctx.grid](dy, C, S, dh, *ctx.sizes, **kw)
+        dots = dict(**kw, PRECISION=_ssd_dots(x)["PRECISION"])
+        _ssd_bwd_entering_kernel[ctx.grid](dy, C, S, dh, *ctx.sizes, **dots)
         _ssd_bwd_passing_kernel[(b, h)](dh, enter, S, dlast.contiguous(), down, dSlast, dh0, h, nc, **kw, HAS_DLAST=True)
         du, dBh, dCh, dS = torch.empty(b, l, h, p, **f32), torch.empty(b, l, h, n, **f32), \
             torch.empty(b, l, h, n, **f32), torch.empty_like(S)
-        _ssd_bwd_chunk_kernel[ctx.grid](x, B, C, Delta_c, S, enter, down, dSlast, dy, du, dBh, dCh, dS, *ctx.sizes, **kw)
+        _ssd_bwd_chunk_kernel[ctx.grid](x, B, C, Delta_c, S, enter, down, dSlast, dy, du, dBh, dCh, dS, *ctx.sizes, **dots)
         da = rearrange(torch.flip(torch.cumsum(torch.flip(dS, [-1]), -1), [-1]), "b h c q -> b (c q) h")[:, :l]
         dDelta = da * A.float() + (du * x.float()).sum(-1)  # S = cumsum(Delta A); u = Delta x
         dx = du * Delta[..., None] + (D.float()[:, None] * dy if D is not None else 0)
@@ -1156,14 +1167,18 @@ def _ssd_outputs(ctx, x, B, C, Delta_c, S, enter, D, z, chunk):
     return y
 
 
+def _ssd_sizes_ok(p, n, D, chunk=64):  # what the Triton SSD takes: powers of two from 16, D per head
+    pow2 = lambda v: v >= 16 and v & (v - 1) == 0
+    return pow2(p) and pow2(n) and pow2(chunk) and (D is None or D.dim() == 1)
+
+
 def ssd_chunk_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
                    return_last_state=False, chunk=64):
     """The Triton SSD, forward and backward (mamba_ssm's `mamba_chunk_scan_combined` form), with the
-    contract of `ssd_scan_ref`; head and state sizes powers of two from 16, D per head. Not yet
-    Mamba2Mixer's path: `python kernels.py ssd` times it first."""
+    contract of `ssd_scan_ref`; head and state sizes powers of two from 16, D per head. Tile products in
+    the inputs' dtype forward, TF32 backward (float32 exactly for float32 inputs: slow, their tiles spill)."""
     (b, l, h, p), n = x.shape, B.shape[-1]
-    pow2 = lambda v: v >= 16 and v & (v - 1) == 0
-    assert pow2(p) and pow2(n) and pow2(chunk) and (D is None or D.dim() == 1), \
+    assert _ssd_sizes_ok(p, n, D, chunk), \
         f"ssd_chunk_scan takes head and state sizes and a chunk that are powers of two from 16, and D per head; " \
         f"got {p}, {n}, {chunk}, D {None if D is None else tuple(D.shape)}"
     y, last = SSDChunkScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk)
@@ -1349,7 +1364,7 @@ def benchmark():
               f" | {cells[-1] * 1e6:.0f} (P={_pieces(ins['u'], g, n)}) |", flush=True)
     # Mamba-2's scan, as mil's Mamba2Mixer calls it: on the Mamba-1 Triton scan, in chunked PyTorch, and
     # mamba_ssm's SSD kernel (Triton: PYTHONPATH=../shared/official-kernels is enough)
-    impls = {"Mamba-1 scan": ssd_scan, "chunked": ssd_chunked, "Triton SSD": ssd_chunk_scan}
+    impls = {"Mamba-1 scan": ssd_by_channels, "chunked": ssd_chunked, "Triton SSD": ssd_chunk_scan}
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
         impls["mamba_ssm"] = lambda *a, **kw: mamba_chunk_scan_combined(*a, chunk_size=256, **kw)

@@ -299,20 +299,22 @@ def test_ssd_step_matches_reference_scan(backend, monkeypatch):
     torch.testing.assert_close(state, last, **TOL[torch.float32])
 
 
-SSD_CASES = [(dt, L, g, o) for dt, L, g, o in itertools.product([torch.float32, torch.bfloat16], [1, 300], [1, 4],
-                                                                 [(1, 1, 1, 1), (0, 0, 0, 0), (2, 0, 1, 1)])] if GPU else \
-    [(torch.float32, 13, 2, (1, 1, 1, 1)), (torch.bfloat16, 9, 1, (2, 0, 1, 1)), (torch.float32, 1, 2, (0, 0, 0, 0))]
+SSD_CASES = [(dt, L, g, o, 16) for dt, L, g, o in itertools.product([torch.float32, torch.bfloat16], [1, 300], [1, 4],
+                                                                     [(1, 1, 1, 1), (0, 0, 0, 0), (2, 0, 1, 1)])] if GPU else \
+    [(torch.float32, 13, 2, (1, 1, 1, 1), 2), (torch.bfloat16, 9, 1, (2, 0, 1, 1), 2), (torch.float32, 1, 2, (0, 0, 0, 0), 2),
+     (torch.bfloat16, 20, 2, (1, 1, 1, 1), 16)]
 
 
-@pytest.mark.parametrize("dtype,L,g,options", SSD_CASES)
-def test_ssd_scan_matches_reference(dtype, L, g, options, monkeypatch):
-    """Mamba-2's scan where Triton runs (the Mamba-1 Triton scan: Delta and A broadcast over a head's
-    channels)."""
+@pytest.mark.parametrize("dtype,L,g,options,p", SSD_CASES)
+def test_ssd_scan_matches_reference(dtype, L, g, options, p, monkeypatch):
+    """Mamba-2's scan where Triton runs: the Triton SSD for 16-bit inputs with head and state sizes it
+    takes (powers of two from 16) and D per head, else the Mamba-1 Triton scan (Delta and A broadcast
+    over a head's channels)."""
     monkeypatch.setattr(kernels, "POISON", True)
     kernels.BACKEND = "auto"
     if not GPU:
         monkeypatch.setattr(kernels, "CHUNK", 8)
-    h, p, n = (8, 16, 16) if GPU else (4, 2, 4)
+    h, n = (8, 16) if GPU else (4, 4 if p < 16 else 16)
     x = ssd_inputs(b=2, L=L, h=h, p=p, g=g, n=n, dtype=dtype, device=DEV, options=options)
     check_against_ssd_reference(kernels.ssd_scan, x, dtype)
 
