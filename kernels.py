@@ -1153,8 +1153,8 @@ class SSDChunkScanFn(torch.autograd.Function):
                 ddt.sum((0, 1)) if dt_bias is not None else None, dh0 if ctx.has_h0 else None, None, None)
 
 
-def _ssd_dots(x):  # tile products in the inputs' dtype (tensor cores); float32 ones exactly, and under the
-    # interpreter, whose 16-bit tile products are wrong
+def _ssd_dots(x):  # tensor-core tile products: forward in the inputs' dtype, backward TF32; exact float32 for
+    # float32 inputs and under the interpreter, whose 16-bit tile products are wrong
     f32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     return dict(F32=f32, PRECISION="ieee" if f32 else "tf32")
 
