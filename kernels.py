@@ -1064,7 +1064,6 @@ def scan(u, delta, A, B, C, initial_state=None, **kw):
     return fn(u, delta, A, B, C, initial_state=initial_state, **kw)
 
 
-
 def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
              return_last_state=False):
     """Mamba-2's scan with the contract of `ssd_scan_ref`. Where Triton runs: the Triton SSD
@@ -1177,7 +1176,7 @@ def ssd_chunk_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
     """The Triton SSD, forward and backward (mamba_ssm's `mamba_chunk_scan_combined` form), with the
     contract of `ssd_scan_ref`; head and state sizes powers of two from 16, D per head. Tile products in
     the inputs' dtype forward, TF32 backward (float32 exactly for float32 inputs: slow, their tiles spill)."""
-    (b, l, h, p), n = x.shape, B.shape[-1]
+    p, n = x.shape[-1], B.shape[-1]
     assert _ssd_sizes_ok(p, n, D, chunk), \
         f"ssd_chunk_scan takes head and state sizes and a chunk that are powers of two from 16, and D per head; " \
         f"got {p}, {n}, {chunk}, D {None if D is None else tuple(D.shape)}"
@@ -1362,8 +1361,8 @@ def benchmark():
         PIECES = 0
         print(f"| | {b}, {di}, {n}, {L} | " + " | ".join(f"{t * 1e6:.0f}" for t in cells[:-1]) +
               f" | {cells[-1] * 1e6:.0f} (P={_pieces(ins['u'], g, n)}) |", flush=True)
-    # Mamba-2's scan, as mil's Mamba2Mixer calls it: on the Mamba-1 Triton scan, in chunked PyTorch, and
-    # mamba_ssm's SSD kernel (Triton: PYTHONPATH=../shared/official-kernels is enough)
+    # Mamba-2's scan four ways: the Mamba-1 Triton scan per channel, chunked PyTorch, mil's Triton SSD
+    # (Mamba2Mixer's path on a GPU), mamba_ssm's SSD kernel (Triton: PYTHONPATH=../shared/official-kernels)
     impls = {"Mamba-1 scan": ssd_by_channels, "chunked": ssd_chunked, "Triton SSD": ssd_chunk_scan}
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined

@@ -201,6 +201,7 @@ def check_against_ssd_reference(scan, x, dtype, **kw):
             torch.testing.assert_close(grad, grad_ref, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, grad_ref.abs().max().item()),
                                        msg=lambda m: f"gradient of {k}: {m}")
 
+
 @pytest.mark.parametrize("L,g,options", [(1, 1, (1, 1, 1, 1)), (13, 2, (0, 0, 0, 0)), (13, 4, (2, 1, 1, 1)),
                                          (29, 1, (1, 0, 1, 0)), (29, 2, (0, 1, 0, 1))])
 def test_ssd_reference_matches_closed_form(L, g, options):
