@@ -36,8 +36,8 @@ import mil
 # smollm2 distills a pretrained teacher (its own architecture) on one H200 within 10 minutes
 PRESETS = {
     "cpu": dict(n_layer=8, d_model=64, n_head=4, n_kv_head=2, block_size=64, batch_size=16, dropout=0.0,
-                teacher_steps=800, eval_every=100, lr=3e-3, distill_steps=100, distill_lr=2e-3,
-                ft_steps=40, draft_steps=150, generations=512, ablate_steps=40, eval_windows=32),
+                teacher_steps=600, eval_every=100, lr=3e-3, distill_steps=80, distill_lr=2e-3,
+                ft_steps=30, draft_steps=150, generations=512, ablate_steps=40, eval_windows=32),
     "gpu": dict(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, batch_size=32, dropout=0.3,
                 teacher_steps=1500, eval_every=50, lr=2e-3, distill_steps=300, distill_lr=1e-3,
                 ft_steps=100, draft_steps=3000, generations=4096, ablate_steps=100, eval_windows=236),
