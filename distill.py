@@ -64,6 +64,7 @@ DEFAULTS = dict(
     stop_after=0,  # stop a stage after N steps of this run, as if killed (a rerun resumes); 0: never
     attn_fractions="0.5,0.25,0.125",  # stepwise: each student starts from the previous one (§3)
     mixer="mamba1",  # the hybrids' Mamba layers: mamba1 | mamba2 (Mamba2InLlama's; attn50_m2, ...) | mamba1,mamba2
+    gate_norm_init=1.0,  # Mamba-2's gated-norm weight at initialization: 1 (the official) sets each head's output to RMS 1
     alpha=0.0,  # Eq. 2: alpha * CE(targets) + beta * KL(teacher || student); the paper's 1 and 0.1. Pure KL
     beta=1.0,  # is as good in perplexity (README) and its hybrids follow the teacher, and so the draft, closer
     targets="corpus",  # the text distilled on: corpus | teacher (its own generations: sequence-level KD) | mix (half each)
@@ -369,11 +370,12 @@ def student_stage(cfg, data, teacher, name, attn_layers, prev=None, init="attent
     student, stepwise), first aligned layer by layer for `align` steps (default --align_steps), then
     distilled with Eq. 2."""
     mixer = cfg["mixers"][0] if mixer is None else mixer
-    expect = mil.hybrid_config(teacher.cfg, attn_layers, conv_init, mixer)
+    changes = dict(mixer=mixer, conv_init=conv_init, gate_norm_init=cfg["gate_norm_init"] if mixer == "mamba2" else None)
+    expect = mil.hybrid_config(teacher.cfg, attn_layers, **changes)
     if save and (done := finished(cfg, data, name, expect)):
         return done
     torch.manual_seed(cfg["seed"])
-    model = mil.hybrid_from_teacher(teacher, attn_layers, init=init, student=prev, conv_init=conv_init, mixer=mixer)
+    model = mil.hybrid_from_teacher(teacher, attn_layers, init=init, student=prev, **changes)
     align = cfg["align_steps"] if align is None else align
     if align:
         if save and (aligned := finished(cfg, data, name + "_aligned", expect)):
@@ -576,7 +578,7 @@ def resolve(argv):
     need(cfg, "batch_size", cfg["batch_size"] % WORLD == 0, f"takes a multiple of the {WORLD} processes (the global batch)")
     for key in ("ft_steps", "warmup", "stop_after", "draft_layers", "align_steps"):
         need(cfg, key, cfg[key] >= 0, "takes 0 or more")
-    for key in ("lr", "distill_lr", "grad_clip"):
+    for key in ("lr", "distill_lr", "grad_clip", "gate_norm_init"):
         need(cfg, key, cfg[key] > 0, "takes a positive number")
     need(cfg, "dropout", 0 <= cfg["dropout"] < 1, "takes a rate in [0, 1)")
     need(cfg, "min_lr_ratio", 0 <= cfg["min_lr_ratio"] <= 1, "takes a ratio in [0, 1]")

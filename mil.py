@@ -284,6 +284,7 @@ class Config:
     dt_rank: int = 0  # 0: ceil(d_model / 16), Mamba's default
     conv_init: str = "identity"  # identity | default (PyTorch's, as the official code)
     mixer: str = "mamba1"  # the hybrids' Mamba layers: mamba1 (MambaMixer) | mamba2 (Mamba2Mixer)
+    gate_norm_init: float = 1.0  # Mamba-2: its gated RMSNorm's weight at initialization (the official: 1)
     rope_theta: float = 10000.0
     rope_scaling: tuple = None  # Llama 3.1's "llama3": (factor, low_freq_factor, high_freq_factor, original context)
     norm_eps: float = 1e-5
@@ -644,7 +645,7 @@ class Mamba2Mixer(nn.Module):
         h = self.D.numel()
         self.A_log.copy_(torch.log(torch.empty(h).uniform_(1, 16)))
         self.D.fill_(1.0)
-        self.norm_weight.fill_(1.0)
+        self.norm_weight.fill_(self.cfg.gate_norm_init)
         init_dt_bias_and_conv(self.dt_proj.bias, self.conv1d, self.cfg.conv_init)
         for proj in (self.dt_proj, self.z_proj):
             nn.init.kaiming_uniform_(proj.weight, a=math.sqrt(5))
@@ -799,21 +800,22 @@ class Model(nn.Module):
 # Algorithm 1: a hybrid from a trained teacher
 
 
-def hybrid_config(teacher_cfg, attn_layers, conv_init=None, mixer=None):  # students train without dropout
-    return replace(teacher_cfg, attn_layers=tuple(attn_layers), conv_init=conv_init or teacher_cfg.conv_init,
-                   mixer=mixer or teacher_cfg.mixer, dropout=0.0)
+def hybrid_config(teacher_cfg, attn_layers, **changes):  # changes: Config fields (None: the teacher's); no dropout
+    return replace(teacher_cfg, attn_layers=tuple(attn_layers), dropout=0.0,
+                   **{k: v for k, v in changes.items() if v is not None})
 
 
 @torch.no_grad()
-def hybrid_from_teacher(teacher, attn_layers, init="attention", student=None, conv_init=None, mixer=None):
+def hybrid_from_teacher(teacher, attn_layers, init="attention", student=None, **changes):
     """Algorithm 1 (PAPER §2). Builds a model whose `attn_layers` stay attention and whose other
     layers are Mamba. Embeddings, norms, MLPs and kept attention layers are copied from the teacher.
     Each Mamba layer takes its attention layer's q/k/v/o_proj (-> C, B, x, output): the names match,
     so this is a copy by name; Delta, A, D, the conv and the gate are new. init="random" leaves the
     Mamba layers at their fresh initialization (the paper's ablation). With `student` (the previous
-    step of stepwise distillation), layers that are Mamba there are carried over from it instead."""
+    step of stepwise distillation), layers that are Mamba there are carried over from it instead.
+    `changes`: the hybrid's own Config fields (mixer, conv_init, gate_norm_init)."""
     assert init in ("attention", "random"), init
-    cfg = hybrid_config(teacher.cfg, attn_layers, conv_init, mixer)
+    cfg = hybrid_config(teacher.cfg, attn_layers, **changes)
     hybrid = Model(cfg).to(teacher.lm_head.weight.device)
     new = hybrid.state_dict()
     for name, t in teacher.state_dict().items():

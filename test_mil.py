@@ -698,6 +698,8 @@ def test_hybrid_copies_teacher_exactly():
     rand = mil.hybrid_from_teacher(teacher, attn_layers=(3,), init="random")
     assert not torch.equal(rand.state_dict()["layers.0.mixer.q_proj.weight"], t["layers.0.mixer.q_proj.weight"])
     assert torch.equal(rand.state_dict()["layers.0.mlp.up_proj.weight"], t["layers.0.mlp.up_proj.weight"])
+    quiet = mil.hybrid_from_teacher(teacher, attn_layers=(3,), mixer="mamba2", gate_norm_init=0.05)
+    assert quiet.cfg.gate_norm_init == 0.05 and torch.all(quiet.layers[0].mixer.norm_weight == 0.05)
     # stepwise: the next student keeps the previous student's Mamba layers, maps the newly replaced ones
     with torch.no_grad():
         hybrid.layers[0].mixer.A_log.add_(1.0)
@@ -749,6 +751,7 @@ BAD_OPTIONS = [  # (argv, what the one-line message must say)
     (["--scan=cuda"], "--scan=cuda: scan backend must be auto, triton, ref or mamba_ssm"),
     (["--bench=infer"], "--bench=infer: takes train"),
     (["--align_steps=-1"], "--align_steps=-1: takes 0 or more"),
+    (["--gate_norm_init=0"], "--gate_norm_init=0.0: takes a positive number"),
     (["--mixer=mamba3"], "--mixer=mamba3: takes mamba1, mamba2 or both"),
     (["--teacher=/no/such/model.gguf"], "--teacher=/no/such/model.gguf: no model at"),
     (["--teacher=smollm2", "--n_layer=4"], "--n_layer=4: a pretrained teacher brings its own architecture"),
@@ -1113,8 +1116,11 @@ def test_pretrained_teacher_pipeline_and_speculative_smoke(tmp_path, capsys):
     teacher, out = f"--teacher={tmp_path / 'tiny.gguf'}", f"--out_dir={tmp_path / 'run'}"
     argv = [teacher, out, "--preset=cpu", "--scan=ref", "--block_size=96", "--batch_size=2", "--eval_every=4",
             "--eval_windows=4", "--log_every=100", "--attn_fractions=0.5", "--distill_steps=3", "--ft_steps=2",
-            "--draft_steps=2", "--generations=8", "--warmup=1", "--mixer=mamba1,mamba2"]
+            "--draft_steps=2", "--generations=8", "--warmup=1", "--mixer=mamba1,mamba2", "--gate_norm_init=0.5"]
     distill.main(argv)
+    norm_inits = {n: torch.load(tmp_path / "run" / f"{n}.pt", weights_only=True)["config"]["gate_norm_init"]
+                  for n in ("attn50", "attn50_m2")}
+    assert norm_inits == {"attn50": 1.0, "attn50_m2": 0.5}  # --gate_norm_init is Mamba-2's alone
     assert not any((tmp_path / "run" / f"{n}.pt").exists() for n in ("teacher",))  # no stage 0
     pool = torch.load(tmp_path / "run" / "generations.pt", weights_only=True)
     tok = mil.load_pretrained(str(tmp_path / "tiny.gguf"))[1]
