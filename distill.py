@@ -451,8 +451,6 @@ def teacher_generations(cfg, data, teacher, name, count, split="train", temperat
         return torch.load(path, weights_only=True)
     tok, tokens = data.tok, data.train if split == "train" else data.val
     jobs = list(itertools.product((None,) + (REQUESTS if tok.chat_template else ()), temperatures))
-    for request, _ in jobs:  # each prompt fits, checked before any work
-        prompts(tok, tokens[None, :data.block_size], request)
     gen = torch.Generator().manual_seed(cfg["seed"] + 1 + (split != "train"))
     dev_gen = torch.Generator(device=data.device).manual_seed(cfg["seed"] + 1)
     batch, seqs, each = 256 if data.device.type == "cuda" else 32, [], math.ceil(count / len(jobs))
@@ -563,6 +561,8 @@ def resolve(argv):
     cfg["preset"] = preset
     if arch := [k for k in ARCH if teacher != "toy" and any(a.startswith(f"--{k}=") for a in argv)]:
         raise SystemExit(f"--{arch[0]}={cfg[arch[0]]}: a pretrained teacher brings its own architecture")
+    if teacher != "toy" and preset == "cpu" and not any(a.startswith("--block_size=") for a in argv):
+        cfg["block_size"] = 128  # room for a chat model's request about a passage, and its reply
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg["device"] not in ("cpu", "cuda") or (cfg["device"] == "cuda" and not torch.cuda.is_available()):
@@ -699,6 +699,8 @@ def main(argv=None):
     fractions = check(cfg, teacher.cfg.n_layer if teacher else cfg["n_layer"])
     start_data_parallel(device)
     data = Data(device, cfg["block_size"], tok)
+    for request in REQUESTS if tok.chat_template else ():  # every chat request fits the block, checked before any work
+        prompts(tok, data.train[None, :cfg["block_size"]], request)
     if cfg["bench"]:  # random weights for the toy teacher: speed depends only on the shapes
         return bench_train(cfg, data, teacher or mil.Model(mil.Config(**{k: cfg[k] for k in ARCH},
                                                                       block_size=cfg["block_size"])).to(device))

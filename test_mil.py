@@ -1107,6 +1107,14 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+def test_a_block_too_short_for_the_chat_requests_is_refused_before_any_work(tmp_path):
+    write_gguf(tmp_path / "tiny.gguf", tiny_llama(tie=True), {}, chat_template=CHATML)
+    with pytest.raises(SystemExit, match=r"--block_size=32: too short for the teacher's chat requests .*take at least"):
+        distill.main([f"--teacher={tmp_path / 'tiny.gguf'}", f"--out_dir={tmp_path / 'run'}", "--preset=cpu",
+                      "--block_size=32", "--draft_layers=0", "--attn_fractions=0.5"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_pretrained_teacher_pipeline_and_speculative_smoke(tmp_path, capsys):
     """`python distill.py --teacher=PATH` and `python speculative.py --teacher=PATH` on a tiny GGUF chat
     model: no stage 0, the teacher's chat replies among the generations, the chat table, --prompt
