@@ -562,7 +562,7 @@ def resolve(argv):
     cfg["preset"] = preset
     if arch := [k for k in ARCH if teacher != "toy" and any(a.startswith(f"--{k}=") for a in argv)]:
         raise SystemExit(f"--{arch[0]}={cfg[arch[0]]}: a pretrained teacher brings its own architecture")
-    if teacher != "toy" and preset == "cpu" and not any(a.startswith("--block_size=") for a in argv):
+    if teacher != "toy" and preset == "cpu" and given("block_size", None) is None:
         cfg["block_size"] = 128  # room for a chat model's request about a passage, and its reply
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"

@@ -31,6 +31,7 @@ except ImportError:  # e.g. macOS: the reference is the only path, and `use_trit
 
 BACKEND = "auto"  # auto: Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1); ref: the loop
 CHUNK = 32  # time steps per chunk: the forward saves the state at chunk starts for the backward
+SSD_CHUNK = 64  # Mamba-2's chunked scans (ssd_chunked, the Triton SSD): time steps per chunk
 TILE = 8  # time steps the scan kernels load at once: 16 bytes of bf16 per channel
 FWD, BWD = (512, 1), (128, 1)  # the scan kernels' launch shapes, (states per warp, warps), chosen by `python kernels.py --sweep`
 CHANNELS = 16  # channels per program at most ...
@@ -142,7 +143,7 @@ def _ssd_decays(dt, A, dt_bias, dt_softplus, chunk):
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
-                return_last_state=False, chunk=64):
+                return_last_state=False, chunk=SSD_CHUNK):
     """The same scan in Mamba-2's chunked matmul form ("state space duality"), the contract of
     `ssd_scan_ref`, in float32 PyTorch (its backward is autograd's): time cut into chunks of `chunk`
     steps; within a chunk the outputs are a masked matrix product, across chunks a short scan of
@@ -1166,13 +1167,13 @@ def _ssd_outputs(ctx, x, B, C, Delta_c, S, enter, D, z, chunk):
     return y
 
 
-def _ssd_sizes_ok(p, n, D, chunk=64):  # what the Triton SSD takes: powers of two from 16, D per head
+def _ssd_sizes_ok(p, n, D, chunk=SSD_CHUNK):  # what the Triton SSD takes: powers of two from 16, D per head
     pow2 = lambda v: v >= 16 and v & (v - 1) == 0
     return pow2(p) and pow2(n) and pow2(chunk) and (D is None or D.dim() == 1)
 
 
 def ssd_chunk_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
-                   return_last_state=False, chunk=64):
+                   return_last_state=False, chunk=SSD_CHUNK):
     """The Triton SSD, forward and backward (mamba_ssm's `mamba_chunk_scan_combined` form), with the
     contract of `ssd_scan_ref`; head and state sizes powers of two from 16, D per head. Tile products in
     the inputs' dtype forward, TF32 backward (float32 exactly for float32 inputs: slow, their tiles spill)."""
