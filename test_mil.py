@@ -190,8 +190,10 @@ def check_against_ssd_reference(scan, x, dtype, **kw):
     ref_in, in_ = ({k: v.clone().requires_grad_() if v is not None else None for k, v in x.items()} for _ in range(2))
     y, last = scan(**in_, dt_softplus=True, return_last_state=True, **kw)
     y_ref, last_ref = kernels.ssd_scan_ref(**ref_in, dt_softplus=True, return_last_state=True)
-    torch.testing.assert_close(y, y_ref, **TOL[dtype])
-    torch.testing.assert_close(last, last_ref, **TOL[dtype])
+    for out, ref in ((y, y_ref), (last, last_ref)):  # atol against the reference's RMS: 16-bit tile products (the
+        # Triton SSD's, mamba_ssm's) round each of the chunk's terms, an error of the terms' scale, not of y_t's
+        scale = max(1.0, ref.float().pow(2).mean().sqrt().item())
+        torch.testing.assert_close(out, ref, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale)
     dy, dlast = torch.randn_like(y), torch.randn_like(last) * last.requires_grad  # (the Mamba-1 scan's: no dlast)
     torch.autograd.backward([y, last] if last.requires_grad else [y], [dy, dlast] if last.requires_grad else [dy])
     torch.autograd.backward([y_ref, last_ref], [dy, dlast])
