@@ -748,6 +748,7 @@ BAD_OPTIONS = [  # (argv, what the one-line message must say)
     (["--batch_size=0"], "--batch_size=0: takes a positive integer"),
     (["--lr=-1"], "--lr=-1.0: takes a positive number"),
     (["--dropout=1.5"], "--dropout=1.5: takes a rate in [0, 1)"),
+    (["--teacher_wd=-1"], "--teacher_wd=-1.0: takes 0 or more"),
     (["--draft_layers=99"], "--draft_layers=99: takes 0 (no draft) to 8"),
     (["--targets=web"], "--targets=web: takes corpus, teacher or mix"),
     (["--scan=cuda"], "--scan=cuda: scan backend must be auto, triton, ref or mamba_ssm"),
