@@ -123,12 +123,17 @@ def scan_closed_form(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_s
     return y, h[..., -1]
 
 
+def slow_and_fast(*shape, device="cpu"):  # A < 0, log-uniform in [-1.5, -0.02]: states that fade within a few
+    # steps and states carried across chunks, tiles and pieces of time, where a wrong carry would show
+    return -0.02 * 75 ** torch.rand(*shape, device=device)
+
+
 def scan_inputs(b=2, di=8, L=13, n=4, groups=2, dtype=torch.float32, device="cpu", options=(1, 1, 1, 1)):
     """Fresh random inputs (never zeros). options: which of D, z, delta_bias, initial_state are given.
     u, delta, B are contiguous (mamba_ssm's layout); C and z are views in the layout mil.py passes."""
     has_D, has_z, has_bias, has_h0 = options
     r = lambda *s: torch.randn(*s, device=device)
-    return dict(u=r(b, di, L).to(dtype), delta=(0.5 * r(b, di, L)).to(dtype), A=-0.5 - torch.rand(di, n, device=device),
+    return dict(u=r(b, di, L).to(dtype), delta=(0.5 * r(b, di, L)).to(dtype), A=slow_and_fast(di, n, device=device),
                 B=r(b, groups, n, L).to(dtype), C=r(b, L, groups, n).permute(0, 2, 3, 1).to(dtype),  # C, z strided
                 D=r(di) if has_D else None, z=r(b, L, di).transpose(1, 2).to(dtype) if has_z else None,  # as in mil.py
                 delta_bias=0.5 * r(di) if has_bias else None, initial_state=r(b, di, n) if has_h0 else None)
@@ -179,7 +184,7 @@ def ssd_inputs(b=2, L=13, h=4, p=3, g=2, n=4, dtype=torch.float32, device="cpu",
     z, dt_bias, initial_state are given."""
     has_D, has_z, has_bias, has_h0 = options
     r = lambda *s: torch.randn(*s, device=device)
-    return dict(x=r(b, L, h, p).to(dtype), dt=(0.5 * r(b, L, h)).to(dtype), A=-0.5 - torch.rand(h, device=device),
+    return dict(x=r(b, L, h, p).to(dtype), dt=(0.5 * r(b, L, h)).to(dtype), A=slow_and_fast(h, device=device),
                 B=r(b, L, g, n).to(dtype), C=r(b, L, g, n).to(dtype), D=(r(h) if has_D == 1 else r(h, p)) if has_D else None,
                 z=r(b, L, h, p).to(dtype) if has_z else None, dt_bias=0.5 * r(h) if has_bias else None,
                 initial_state=r(b, h, p, n) if has_h0 else None)
@@ -892,7 +897,7 @@ def layer_inputs(b, heads, kv_heads, d_conv, e=4, l=None, dtype=torch.float32):
     di = heads * e
     p = r(b, *([l] if l else []), 2 * kv_heads * e + heads * e + 2 * di)
     p[..., -di:] = 0.5 * p[..., -di:]
-    constants = (r(di, d_conv) / d_conv, r(di), -0.5 - torch.rand(di, e, device=DEV), r(di), 0.5 * r(di))
+    constants = (r(di, d_conv) / d_conv, r(di), slow_and_fast(di, e, device=DEV), r(di), 0.5 * r(di))
     return r(b, di, e), r(b, di, d_conv - 1).to(dtype), p.to(dtype), constants
 
 
