@@ -55,7 +55,8 @@ DEFAULTS = dict(
     scan="auto",  # selective scan: auto (Triton on GPU) | triton | ref | mamba_ssm (the official kernels, if installed)
     out_dir="",  # default: out/<preset>, or out/<teacher name> (out/<name>-cpu on the cpu preset)
     seed=1337,
-    **PRESETS["cpu"],
+    **PRESETS["cpu"],  # sizes and step counts, per --preset; generations: how many teacher sequences to sample
+    # once (cached): the draft's training text, and the students' with --targets=teacher or mix
     warmup=50,
     min_lr_ratio=0.1,
     weight_decay=0.1,
@@ -67,11 +68,9 @@ DEFAULTS = dict(
     mixer="mamba1",  # the hybrids' Mamba layers: mamba1 | mamba2 (Mamba2InLlama's; attn50_m2, ...) | mamba1,mamba2
     gate_norm_init=0.1,  # Mamba-2's gated-norm weight at initialization; the official 1 makes each head's output
     # RMS 1, far louder than the attention outputs it replaces: 0.1 distills far better (README)
-    alpha=0.0,  # Eq. 2: alpha * CE(targets) + beta * KL(teacher || student); the paper's 1 and 0.1. Pure KL
-    beta=1.0,  # is as good in perplexity (README) and its hybrids follow the teacher, and so the draft, closer
+    alpha=0.0,  # Eq. 2: alpha * CE(targets) + beta * KL(teacher || student); the paper's 1 and 0.1
+    beta=1.0,  # pure KL (alpha 0) is as good in perplexity (README), and its hybrids, so the draft, follow the teacher
     targets="corpus",  # the text distilled on: corpus | teacher (its own generations: sequence-level KD) | mix (half each)
-    # generations: how many teacher sequences to sample once (cached): the draft's training text, and the
-    # students' with --targets=teacher or mix
     align_steps=0,  # before stage 1: each Mamba layer alone to its attention layer's output (not in the paper)
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
     draft_layers=1,  # the speculative-decoding draft's layers (README: 1 vs 2 on the H200)
@@ -147,7 +146,8 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
     (with save) writes out_dir/name.pt. loss_fn(model, gen) -> loss. With eval_fn, keeps the
     best-validation weights. Returns the state: step, loss log, best validation loss and step."""
     path = os.path.join(cfg["out_dir"], name + ".resume.pt")
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=cfg["weight_decay"] if weight_decay is None else weight_decay)
+    decay = cfg["weight_decay"] if weight_decay is None else weight_decay  # the toy teacher's is its own
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=decay)
     gen = torch.Generator().manual_seed(cfg["seed"])
     state = dict(step=0, log=[], best_val=math.inf, best_step=0, best_model=None)
     if os.path.exists(path):
@@ -559,7 +559,7 @@ def resolve(argv):
     if preset == ("smollm2" if teacher == "toy" else "gpu"):
         raise SystemExit(f"--preset={preset}: " + ("the smollm2 preset is for a pretrained --teacher" if teacher == "toy"
                                                    else "a pretrained --teacher takes --preset=smollm2 or cpu"))
-    cfg = mil.parse_options({**DEFAULTS, **PRESETS[preset]}, argv, __doc__)
+    cfg = mil.parse_options({**DEFAULTS, **PRESETS[preset]}, argv, __doc__, __file__)
     cfg["preset"] = preset
     if arch := [k for k in ARCH if teacher != "toy" and any(a.startswith(f"--{k}=") for a in argv)]:
         raise SystemExit(f"--{arch[0]}={cfg[arch[0]]}: a pretrained teacher brings its own architecture")

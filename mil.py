@@ -40,16 +40,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Options: typed defaults overridden as --key=value (nanoGPT's configurator, without exec)
 
 
-def parse_options(defaults, argv=None, doc=""):
-    """Return a copy of `defaults` with `--key=value` overrides from argv, type-checked."""
+def parse_options(defaults, argv=None, doc="", script=None):
+    """Return a copy of `defaults` with `--key=value` overrides from argv, type-checked. --help prints
+    `doc` and each option with its default and the comment it has in `script`'s DEFAULTS."""
     argv = sys.argv[1:] if argv is None else argv
     opts = dict(defaults)
     valid = ", ".join(f"--{k}" for k in defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
+            notes = option_notes(script) if script else {}
             print(doc.strip() + "\n\noptions (--key=value, defaults shown):")
             for k, v in defaults.items():
-                print(f"  --{k}={v}")
+                print((f"  --{k}={v}".ljust(30) + " " + notes.get(k, "")).rstrip())
             sys.exit(0)
         key, eq, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in defaults:
@@ -66,6 +68,23 @@ def parse_options(defaults, argv=None, doc=""):
             kind = {int: "an integer", float: "a number"}.get(typ, typ.__name__)
             raise SystemExit(f"--{key} takes {kind}, got {value!r}") from None
     return opts
+
+
+def option_notes(script):
+    """{key: comment} from the `key=value,  # comment` lines of a script's DEFAULTS = dict(...) block,
+    with the comment lines that continue one."""
+    notes, key, inside = {}, None, False
+    for line in open(script, encoding="utf-8"):
+        inside = inside or line.startswith("DEFAULTS = dict(")
+        if inside and line.startswith(")"):
+            break
+        if inside and (m := regex.match(r"\s+(\w+)=.*?,\s+# (.*)", line)):
+            key, notes[m[1]] = m[1], m[2]
+        elif inside and key and (m := regex.match(r"\s+# (.*)", line)):
+            notes[key] += " " + m[1]
+        else:
+            key = None
+    return notes
 
 
 # -----------------------------------------------------------------------------------------------

@@ -345,7 +345,7 @@ def resolve(argv):
     """Options, each checked before any work: distill.py's rules for the teacher, preset, device, scan
     and checkpoint folder; then this script's own."""
     shared = [a for a in argv if a.split("=", 1)[0].removeprefix("--") in ("teacher", "preset", "device", "scan", "out_dir")]
-    cfg = mil.parse_options(DEFAULTS, argv, __doc__)  # first: --help and unknown options end here
+    cfg = mil.parse_options(DEFAULTS, argv, __doc__, __file__)  # first: --help and unknown options end here
     base = distill.resolve(shared)  # the run whose checkpoints we load
     cfg.update({k: base[k] for k in ("preset", "device", "out_dir")})
     need = lambda key, ok, takes: distill.need(cfg, key, ok, takes)
