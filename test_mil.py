@@ -741,7 +741,6 @@ def test_options_reject_unknown_keys_and_bad_types():
         mil.parse_options(defaults, ["--steps=ten"])
 
 
-
 @pytest.mark.parametrize("script,key", [(distill, "targets"), (speculative, "k")])
 def test_help_lists_each_option_with_its_default_and_its_comment(script, key, capsys):
     with pytest.raises(SystemExit) as done:
@@ -750,6 +749,7 @@ def test_help_lists_each_option_with_its_default_and_its_comment(script, key, ca
     assert done.value.code == 0 and note
     assert any(line.startswith(f"  --{key}={script.DEFAULTS[key]} ") and line.endswith(" " + note)
                for line in capsys.readouterr().out.splitlines())
+
 
 BAD_OPTIONS = [  # (argv, what the one-line message must say)
     (["--preset=tpu"], "--preset=tpu: takes cpu, gpu, smollm2 or auto"),
