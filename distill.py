@@ -70,11 +70,11 @@ DEFAULTS = dict(
     gate_norm_init=0.1,  # Mamba-2's gated-norm weight at initialization; the official 1 makes each head's output
     # RMS 1, far louder than the attention outputs it replaces: 0.1 distills far better (README)
     alpha=0.0,  # Eq. 2: alpha * CE(targets) + beta * KL(teacher || student); the paper's 1 and 0.1
-    beta=1.0,  # pure KL (alpha 0) is as good in perplexity (README), and its hybrids, so the draft, follow the teacher
+    beta=1.0,  # pure KL (alpha 0): the students learn the teacher alone (README: CE on the corpus wins on its domain)
     targets="corpus",  # the text distilled on: corpus | teacher (its own generations: sequence-level KD) | mix (half each)
     align_steps=0,  # before stage 1: each Mamba layer alone to its attention layer's output (not in the paper)
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
-    draft_layers=1,  # the speculative-decoding draft's layers (README: 1 vs 2 on the H200)
+    draft_layers=1,  # the speculative-decoding draft's layers, taken from the teacher's (0: no draft)
     ablate=False,
     bench="",  # train: time a stage-1 step of the 50% hybrid with each scan backend that runs here, and exit
 )
@@ -407,7 +407,7 @@ def draft_stage(cfg, data, teacher, pool):
     of the teacher's layers, first and last kept ("shrink and fine-tune", the paper's Table 5), trained
     with KL to the teacher. At batch 1 a step costs about its number of kernels, so fewer layers is a
     cheaper draft. It trains on the teacher's own generations: text like what the hybrids decode,
-    where the draft must agree with them (README: accepted more often than a corpus-trained draft)."""
+    where the draft must agree with them."""
     n, m = teacher.cfg.n_layer, cfg["draft_layers"]
     draft_cfg = replace(teacher.cfg, n_layer=m, attn_layers=None, dropout=0.0)
     if done := finished(cfg, data, "draft", draft_cfg):

@@ -228,8 +228,8 @@ def add_rms_norm_ref(x, r, weight, eps):
 # B_t and C_t) and keeps their states in registers while it walks time. The scan kernels read time in
 # tiles of TILE steps: u, Delta, z as [BLOCK_D, TILE] tiles (16-byte loads), B and C as [BLOCK_N, TILE];
 # column s of a tile is picked with a compile-time mask (`_col`), outputs gather into a tile (`_put`).
-# The decode kernels hold the states as [BLOCK_N, BLOCK_D]. Why not `tl.associative_scan` along time:
-# see the README (it does more work and moves a [channels, states, time] tile through registers).
+# The decode kernels hold the states as [BLOCK_N, BLOCK_D]. Not `tl.associative_scan` along time: it does
+# more work and moves a [channels, states, time] tile through registers.
 
 LOG2E, LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)  # exp(x) = exp2(x * log2(e))
 
