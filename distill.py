@@ -16,6 +16,7 @@ Checkpoints live in out/<preset>/ (out/<teacher>/ for a pretrained one). Every s
 overridable as --key=value; --help lists them.
 """
 import copy
+import gc
 import itertools
 import math
 import os
@@ -138,6 +139,12 @@ def barrier():  # every rank waits here for rank 0's files
         dist.barrier()
 
 
+def end_data_parallel():  # before a rank exits: a process group the interpreter's exit ends may abort it
+    if dist.is_initialized():
+        gc.collect()  # the DDP wrappers of finished stages hold it too
+        dist.destroy_process_group()
+
+
 # -----------------------------------------------------------------------------------------------
 # One training loop for every stage: AdamW, warmup then cosine, clipping, bf16 on GPU, resumable
 
@@ -203,6 +210,8 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
             if RANK == 0:
                 print(f"{name}: stopped after {ran} steps (--stop_after); rerun to resume")
             barrier()
+            del ddp  # it holds the process group
+            end_data_parallel()
             sys.exit(0)
     if eval_fn:
         val = eval_fn(model)
@@ -728,10 +737,9 @@ def main(argv=None):
                 students.append((name + "_ft", finetune_stage(cfg, data, teacher, prev, name + "_ft", pool)))
     if cfg["draft_layers"]:
         students.append(("draft", draft_stage(cfg, data, teacher, generations)))
-    if dist.is_initialized():  # rank 0 evaluates
-        dist.destroy_process_group()
-        if RANK > 0:
-            return
+    end_data_parallel()
+    if RANK > 0:  # rank 0 evaluates
+        return
     results = os.path.join(cfg["out_dir"], "results.md")
     if os.path.exists(results) and all(os.path.getmtime(results) > os.path.getmtime(os.path.join(cfg["out_dir"], n + ".pt"))
                                        for n, _ in students):  # evaluated since the last stage finished
