@@ -260,14 +260,15 @@ def _delta(dt, bias, mt, SOFTPLUS: tl.constexpr):  # Delta for a [d, TILE] tile;
 
 @triton.jit
 def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, y_ptr, hc_ptr,
-                     last_ptr, dtsum_ptr, L, T, P, DI, N, REP, n_chunks, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, OUTPUT: tl.constexpr,
-                     SAVE_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     last_ptr, dtsum_ptr, ends_ptr, L, T, P, DI, N, REP, n_chunks, HAS_D: tl.constexpr,
+                     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     OUTPUT: tl.constexpr, CARRY: tl.constexpr, SAVE_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+                     TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program walks T steps of BLOCK_D channels: piece row % P of batch row row // P (P = 1, T = L:
     the whole sequence). OUTPUT=False (the first pass of a prefill in pieces) computes only the end
-    state and the sum of Delta; SAVE_CHUNKS keeps what the backward reads: the chunk-start states and,
-    with z, the output before its gate (as mamba_ssm does; the backward's dz needs it)."""
+    state and the sum of Delta; CARRY (its second pass) starts from what the earlier pieces carry in,
+    from those; SAVE_CHUNKS keeps what the backward reads: the chunk-start states and, with z, the
+    output before its gate (as mamba_ssm does; the backward's dz needs it)."""
     row, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, start = row // P, (row % P) * T
     d = pd * BLOCK_D + tl.arange(0, BLOCK_D)  # this program's channels
@@ -281,8 +282,12 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     Dv = tl.load(D_ptr + d) if HAS_D else tl.zeros([BLOCK_D], dtype=tl.float32)
     bias = tl.load(bias_ptr + d) if HAS_BIAS else tl.zeros([BLOCK_D], dtype=tl.float32)
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    if HAS_H0:
-        h = tl.load(h0_ptr + row * DI * N + dn, mask=mn[None, :], other=0.0)
+    if HAS_H0:  # per batch row in the pieces' second pass, else per program row
+        h = tl.load(h0_ptr + (b if CARRY else row) * DI * N + dn, mask=mn[None, :], other=0.0)
+    if CARRY:  # the true start: fold in the earlier pieces' end states, h = exp(A * their sum of Delta) h + end
+        for q in range(b * P, row):
+            h = tl.exp2(A2 * tl.load(dtsum_ptr + q * DI + d)[:, None]) * h + \
+                tl.load(ends_ptr + q * DI * N + dn, mask=mn[None, :], other=0.0)
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     rows = (b * DI + d)[:, None] * L + start + k[None, :]  # [d, TILE] tiles of u, delta, z, out: 16-byte loads along time
     u_p, t_p, z_p, o_p, y_p = u_ptr + rows, dt_ptr + rows, z_ptr + rows, out_ptr + rows, y_ptr + rows
@@ -780,11 +785,12 @@ def _flat(*ts):  # the scan kernels index (b, di, l) and (b, g, n, l) tensors as
     return [t.contiguous() if t is not None else None for t in ts]
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, bias, h0, softplus, pieces=1, output=True, save_chunks=False):
+def _scan_fwd(u, delta, A, B, C, D, z, bias, h0, softplus, pieces=1, output=True, save_chunks=False, carry=None):
     """Launch the forward kernel: b * pieces rows of programs, each walking L / pieces steps. Returns
     out (b, di, l) or None; with save_chunks, what the backward reads: the chunk-start states and, with
     z, the output before the gate (else Nones); the end states (b * pieces, di, n) and, without
-    output, each piece's sum of Delta (b * pieces, di)."""
+    output, each piece's sum of Delta (b * pieces, di). carry: the first pass's end states and sums of
+    Delta, from which the second pass starts each piece."""
     (b, di, L), (n, g) = u.shape, (A.shape[1], B.shape[1])
     block_d, block_n, warps = _scan_blocks(di, g, n, FWD)
     n_chunks = triton.cdiv(L, CHUNK)
@@ -792,13 +798,13 @@ def _scan_fwd(u, delta, A, B, C, D, z, bias, h0, softplus, pieces=1, output=True
     y = _alloc_like(u) if save_chunks and z is not None else None  # the output before the gate, for dz
     chunk_states = _alloc(b, di, n_chunks, n, like=u, dtype=torch.float32) if save_chunks else None
     last = _alloc(b * pieces, di, n, like=u, dtype=torch.float32)
-    dt_sums = None if output else _alloc(b * pieces, di, like=u, dtype=torch.float32)
+    ends, dt_sums = carry or (A, None if output else _alloc(b * pieces, di, like=u, dtype=torch.float32))
     _scan_fwd_kernel[(b * pieces, di // block_d)](
         u, delta, A, B, C, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
         h0 if h0 is not None else A, out if output else u, y if y is not None else u, chunk_states if save_chunks else A, last,
-        dt_sums if not output else A, L, L // pieces, pieces, di, n, di // g, n_chunks,
+        dt_sums if dt_sums is not None else A, ends, L, L // pieces, pieces, di, n, di // g, n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
-        SOFTPLUS=softplus, OUTPUT=output, SAVE_CHUNKS=save_chunks, CHUNK=CHUNK, TILE=_tile(), BLOCK_D=block_d,
+        SOFTPLUS=softplus, OUTPUT=output, CARRY=carry is not None, SAVE_CHUNKS=save_chunks, CHUNK=CHUNK, TILE=_tile(), BLOCK_D=block_d,
         BLOCK_N=block_n, num_warps=warps)
     return out, (chunk_states, y), last, dt_sums
 
@@ -858,15 +864,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 def _pieces(u, groups, n):
     """How many pieces to cut time into for a long prompt at small batch, where the b * di / BLOCK_D
-    programs of one walk over time would leave most of the GPU idle; pieces of at least 1024 steps, as
-    shorter prompts gain less on the GPU than the stitching costs on the host (PIECES overrides it)."""
-    (b, di, L), shortest = u.shape, 1 if PIECES else 1024
+    programs of one walk over time would leave most of the GPU idle; pieces of at least 128 steps, as
+    shorter ones gain less than their second launch costs (PIECES overrides it)."""
+    (b, di, L), shortest = u.shape, 1 if PIECES else 128
     if PIECES:
         pieces = PIECES
-    elif u.is_cuda:  # measured (`python kernels.py prefill`): pieces pay only while one walk has fewer programs than SMs
-        sms = torch.cuda.get_device_properties(u.device).multi_processor_count
+    elif u.is_cuda:  # measured (`python kernels.py prefill`): pieces pay only while one walk has fewer programs
+        sms = torch.cuda.get_device_properties(u.device).multi_processor_count  # than SMs, most at about 8 per SM
         programs = b * di // _scan_blocks(di, groups, n, FWD)[0]
-        pieces = 2 ** int(math.log2(8 * sms // programs)) if programs < sms else 1
+        pieces = 2 ** round(math.log2(8 * sms / programs)) if programs < sms else 1
     else:
         return 1
     while pieces > 1 and (L % pieces or L // pieces < shortest):
@@ -876,29 +882,16 @@ def _pieces(u, groups, n):
 
 def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, pieces):
     """Prefill of a long prompt (no gradients), with time cut into P pieces run as extra rows of
-    programs: (1) each piece from a zero state, for its end state and its sum of Delta (no outputs);
-    (2) the true start states, h_start[p] = sum_{q<p} exp(A * Delta summed from q's end to p's start)
-    end[q], one einsum; (3) each piece again from its true start, for the outputs. About 1.6x the
-    work of one walk, P times shorter walks."""
+    programs, two launches: (1) each piece from a zero state, for its end state and its sum of Delta
+    (no outputs); (2) each piece again, for the outputs, from its true start, which its program first
+    folds from the earlier pieces' end states (h = exp(A * a piece's sum of Delta) h + its end, from
+    h0). About twice the work of one walk, P times shorter walks."""
     b, di, L = u.shape
     u, delta, B, C, z = _flat(u, delta, B, C, z)
     A, D, bias, h0 = _floats(A, D, delta_bias, initial_state)
     _, _, ends, dt_sums = _scan_fwd(u, delta, A, B, C, None, None, bias, None, delta_softplus, pieces, output=False)
-    with torch.autocast(u.device.type, enabled=False):  # under autocast too, the stitching stays in float32
-        dt_sums = rearrange(dt_sums, "(b p) d -> b d p", p=pieces)
-        log_decay = A[None, :, :, None] * dt_sums[:, :, None, :]  # (b, di, n, p)
-        S = A[None, :, :, None] * dt_sums.cumsum(-1)[:, :, None, :]  # log decay from the start to piece p's end
-        S_before = S - log_decay  # ... to piece p's start
-        p = torch.arange(pieces, device=u.device)
-        gap = (S_before[..., :, None] - S[..., None, :]).masked_fill(p[None, :] >= p[:, None], -math.inf)  # (.., p, q<p)
-        ends = rearrange(ends, "(b p) d n -> b d n p", p=pieces)
-        starts = torch.einsum("bdnpq,bdnq->bdnp", gap.exp(), ends)  # all that the earlier pieces carry in
-        if h0 is not None:
-            starts = starts + S_before.exp() * h0[..., None]
-        h = log_decay[..., -1].exp() * starts[..., -1] + ends[..., -1]
-    y, _, _, _ = _scan_fwd(u, delta, A, B, C, D, z, bias, rearrange(starts, "b d n p -> (b p) d n").contiguous(),
-                           delta_softplus, pieces)
-    return y, h
+    y, _, last, _ = _scan_fwd(u, delta, A, B, C, D, z, bias, h0, delta_softplus, pieces, carry=(ends, dt_sums))
+    return y, last.view(b, pieces, di, -1)[:, -1]
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
@@ -1350,7 +1343,8 @@ def benchmark():
     global PIECES
     print("\n| prefill, no grad | b, channels, d_state, L | " + " | ".join(f"P={p} us" for p in (1, 2, 4, 8, 16, 32)) +
           " | auto |\n|" + " --- |" * 9)
-    prefills = ((1, 2048, 16, 1, 8192), (1, 384, 64, 6, 8192), (1, 576, 64, 9, 8192), (1, 384, 64, 6, 32768),
+    prefills = ((1, 384, 64, 6, 2048), (1, 576, 64, 9, 2048), (1, 2048, 16, 1, 8192), (1, 384, 64, 6, 8192),
+                (1, 576, 64, 9, 8192), (1, 384, 64, 6, 32768),
                 (8, 2048, 16, 1, 2048), (8, 2048, 16, 1, 8192), (4, 576, 64, 9, 2048)) if cuda else ((1, 16, 4, 2, 64),)
     for b, di, n, g, L in prefills if "prefill" in sections else ():
         ins = scan_inputs(b, di, n, g, L, dev)

@@ -580,10 +580,11 @@ class MambaMixer(nn.Module):
         dt = F.linear(self.dt_in_proj(o), self.dt_proj.weight)
         xBCzdt = (self.v_proj(o), self.k_proj(o), self.q_proj(o), self.z_proj(o), dt)
         k = self.cfg.d_conv - 1
-        y, _, _ = self.mix(*xBCzdt, o.new_zeros(o.shape[0], self.D.numel(), k))
+        ssm = -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()  # A, D, Delta's bias
+        y, _, _ = self.mix(*xBCzdt, o.new_zeros(o.shape[0], self.D.numel(), k), *ssm)
         return self.o_proj(y)
 
-    def mix(self, x, B, C, z, dt, past, h0=None):
+    def mix(self, x, B, C, z, dt, past, A, D, dt_bias, h0=None):
         """The layer between its projections (b, l, ..) and o_proj: the causal conv over time after the
         `past` k inputs (b, di, k), SiLU, the scan (from state h0). Returns y (b, l, di), the conv's
         input and the last state."""
@@ -591,9 +592,8 @@ class MambaMixer(nn.Module):
         z, dt = (rearrange(t, "b l di -> b di l") for t in (z, dt))
         x_pad = torch.cat([past, x], dim=-1)  # (b, di, k + l)
         x = F.silu(F.conv1d(x_pad, self.conv1d.weight, self.conv1d.bias, groups=x.shape[1]))  # (b, di, l)
-        y, last = kernels.scan(x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
-                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=True,
-                               initial_state=h0)
+        y, last = kernels.scan(x, dt, A, B, C, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                               return_last_state=True, initial_state=h0)
         return rearrange(y, "b di l -> b l di"), x_pad, last
 
     def scan_layout(self, x, B, C):
@@ -629,7 +629,8 @@ class MambaMixer(nn.Module):
         if o.shape[1] == 1:  # one decode step updates the state and the conv window in place
             return kernels.step(cache.ssm, cache.conv, xBCzdt[:, 0], *constants)[:, None]
         g, e, di = self.cfg.n_kv_head, self.cfg.head_dim, self.D.numel()  # prefill: the scan from the cached state
-        y, x_pad, last = self.mix(*xBCzdt.split([g * e, g * e, h * e, di, di], dim=-1), cache.conv, cache.ssm)
+        y, x_pad, last = self.mix(*xBCzdt.split([g * e, g * e, h * e, di, di], dim=-1), cache.conv, w.A, w.D,
+                                  w.dt_bias, cache.ssm)
         cache.ssm.copy_(last)
         cache.conv.copy_(x_pad[..., x_pad.shape[-1] - cache.conv.shape[-1]:])
         return y

@@ -327,13 +327,14 @@ def test_ssd_scan_matches_reference(dtype, L, g, options, p, monkeypatch):
     check_against_ssd_reference(kernels.ssd_scan, x, dtype)
 
 
-@pytest.mark.parametrize("b,autocast", [(1, False), (2, True)])
-def test_long_prefill_in_pieces_matches_reference(b, autocast, monkeypatch):
-    """A long prompt at small batch is scanned as pieces of time in parallel, stitched by their decays
-    (in float32, also under bf16 autocast, as in distill.py's evaluation)."""
-    monkeypatch.setattr(kernels, "PIECES", 4)
+@pytest.mark.parametrize("b,autocast,pieces,h0", [(1, False, 4, 1), (2, True, 8, 1), (2, False, 2, 0)])
+def test_long_prefill_in_pieces_matches_reference(b, autocast, pieces, h0, monkeypatch):
+    """A long prompt at small batch is scanned as pieces of time in parallel, each started from what
+    the earlier pieces (and the initial state) carry in (in float32, also under bf16 autocast, as in
+    distill.py's evaluation)."""
+    monkeypatch.setattr(kernels, "PIECES", pieces)
     monkeypatch.setattr(kernels, "CHUNK", 4)
-    x = scan_inputs(b=b, di=8, L=64, n=4, groups=2, device=DEV)
+    x = scan_inputs(b=b, di=8, L=64, n=4, groups=2, device=DEV, options=(1, 1, 1, h0))
     with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16, enabled=autocast):
         y, last = kernels.selective_scan(**x, delta_softplus=True, return_last_state=True)
     y_ref, last_ref = kernels.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
