@@ -464,15 +464,16 @@ def teacher_generations(cfg, data, teacher, name, count, split="train", temperat
     tok, tokens = data.tok, data.train if split == "train" else data.val
     jobs = list(itertools.product((None,) + (REQUESTS if tok.chat_template else ()), temperatures))
     gen = torch.Generator().manual_seed(cfg["seed"] + 1 + (split != "train"))
-    dev_gen = torch.Generator(device=data.device).manual_seed(cfg["seed"] + 1)
-    batch, seqs, each = 1024 if data.device.type == "cuda" else 32, [], math.ceil(count / len(jobs))
-    # on a GPU a bf16 copy samples, as speculative decoding runs (the toy teacher's: 4.7x float32's speed)
-    sampler = copy.deepcopy(teacher).to(torch.bfloat16) if data.device.type == "cuda" else teacher
+    torch.manual_seed(cfg["seed"] + 1)  # the sampling's (from the default generator: CUDA graphs replay it)
+    gpu = data.device.type == "cuda"
+    batch, seqs, each = 1024 if gpu else 32, [], math.ceil(count / len(jobs))
+    # on a GPU a bf16 copy samples, a CUDA graph a step, as speculative decoding runs
+    sampler = copy.deepcopy(teacher).to(torch.bfloat16) if gpu else teacher
     with tqdm(total=each * len(jobs), desc=name, leave=False) as bar:
         for (request, temp), i in itertools.product(jobs, range(0, each, batch)):
             p = prompts(tok, data.batch(min(batch, each - i), gen, tokens)[0], request)
-            out = mil.generate(sampler.eval(), p, data.block_size + 1 - p.shape[1], temp, generator=dev_gen,
-                               stop=tok.stop if request else ())
+            out = mil.generate(sampler.eval(), p, data.block_size + 1 - p.shape[1], temp,
+                               stop=tok.stop if request else (), graphs=gpu)
             for row in out.cpu():
                 if request is not None:  # a reply ends after its first stop token; EOT separates it from the next
                     stops = torch.isin(row[p.shape[1]:], torch.tensor(tok.stop)).nonzero()

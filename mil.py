@@ -852,7 +852,45 @@ def hybrid_from_teacher(teacher, attn_layers, init="attention", student=None, **
 
 
 # -----------------------------------------------------------------------------------------------
-# Generation with the static caches: prefill, then one token per step
+# Generation with the static caches: prefill, then one token per step (on a GPU, one CUDA graph a step)
+
+
+def cache_tensors(caches):  # what a model's caches hold (the stacked tensors, not the layers' views of them)
+    return [t for obj in (caches, *caches) for t in vars(obj).values() if torch.is_tensor(t) and t._base is None]
+
+
+def graphed(fn, models_caches, buffers, graphs):
+    """fn() (no arguments: it updates the caches and `buffers` in place), as a CUDA graph when `graphs`:
+    run twice on a side stream (Triton compiles), then captured, each run undone (the random generator's
+    state included) so that preparing the graph changes nothing. Replays move the caches' lengths on
+    the device only, so their host lengths become unknown (None). Returns what runs fn once."""
+    if not graphs:
+        return fn
+    tensors = [t for caches in models_caches for t in cache_tensors(caches)] + list(buffers)
+    saved, rng = [t.clone() for t in tensors], torch.cuda.get_rng_state()
+    lengths = [(c.len, c.last) for c in models_caches]
+
+    def restore():
+        for t, s in zip(tensors, saved):
+            t.copy_(s)
+        for c, (n, last) in zip(models_caches, lengths):
+            c.len, c.last = n, last
+        torch.cuda.set_rng_state(rng)  # so that sampling draws what it would have drawn without a graph
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+            restore()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    restore()
+    for c in models_caches:
+        c.len = None
+    return graph.replay
 
 
 def probabilities(logits, temperature=1.0, top_k=0):  # logits (..., v) -> probs (..., v), float32
@@ -877,24 +915,36 @@ def sample_probs(p, generator=None):  # p (b, v) >= 0, not necessarily normalize
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None, stop=()):
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, generator=None, stop=(), graphs=False):
     """idx (b, l) -> (b, l + max_new_tokens), with the same code for teacher and hybrids. With `stop`
     (token ids), a row that samples one has stopped: it repeats that token from then on, and
-    generation ends early, shorter, once every row has stopped."""
-    caches = model.new_caches(idx.shape[0], idx.shape[1] + max_new_tokens)
+    generation ends early, shorter, once every row has stopped (looked at every 16 tokens). graphs: each
+    step replayed as one CUDA graph, sampled from the default generator (seeded by torch.manual_seed)."""
+    b, l = idx.shape
+    assert max_new_tokens >= 1, "at least one new token"
+    caches = model.new_caches(b, l + max_new_tokens)
     logits, _ = model(idx, caches=caches)  # prefill
-    out, stop = [idx], torch.tensor(stop, dtype=torch.long, device=idx.device)
-    stopped = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-    for i in range(max_new_tokens):
-        nxt = sample(logits[:, -1], temperature, top_k, generator)  # (b, 1)
-        if len(stop):
-            nxt = torch.where(stopped, out[-1][:, -1:], nxt)
-            stopped |= torch.isin(nxt, stop)
-        out.append(nxt)
-        if i + 1 == max_new_tokens or (len(stop) and stopped.all()):
-            break
-        logits, _ = model(nxt, caches=caches)
-    return torch.cat(out, dim=1)
+    stop = torch.tensor(stop, dtype=torch.long, device=idx.device)
+    last = sample(logits[:, -1], temperature, top_k, generator)  # (b, 1)
+    stopped = torch.isin(last, stop)
+    out = torch.cat([idx, last, idx.new_zeros(b, max_new_tokens - 1)], dim=1)
+    written = torch.tensor([l + 1], device=idx.device)  # tokens written so far
+    graphs = graphs and idx.is_cuda and max_new_tokens > 1
+    gen = None if graphs else generator
+
+    def step():  # the last token in, the next one sampled (a stopped row repeats its stop token) and written
+        nxt = sample(model(last, caches=caches)[0][:, -1], temperature, top_k, gen)
+        last.copy_(torch.where(stopped, last, nxt))
+        stopped.logical_or_(torch.isin(last, stop))
+        out.index_copy_(1, written, last)
+        written.add_(1)
+
+    step = graphed(step, [caches], [last, stopped, out, written], graphs)
+    for i in range(1, max_new_tokens):
+        if len(stop) and i % 16 == 0 and stopped.all():
+            return out[:, :l + i]
+        step()
+    return out
 
 
 def chat(model, tok, messages, max_new_tokens=256, temperature=0.0, top_k=0):

@@ -60,48 +60,6 @@ def timed(fn, device):
     return result, clock(device) - t0
 
 
-# -----------------------------------------------------------------------------------------------
-# Work replayed as one CUDA graph on GPU
-
-
-def cache_tensors(caches):  # what a model's caches hold (the stacked tensors, not the layers' views of them)
-    return [t for obj in (caches, *caches) for t in vars(obj).values() if torch.is_tensor(t) and t._base is None]
-
-
-def graphed(fn, models_caches, buffers, graphs):
-    """fn() (no arguments: it updates the caches and `buffers` in place), as a CUDA graph when `graphs`:
-    run twice on a side stream (Triton compiles), then captured, each run undone (the random generator's
-    state included) so that preparing the graph changes nothing. Replays move the caches' lengths on
-    the device only, so their host lengths become unknown (None). Returns what runs fn once."""
-    if not graphs:
-        return fn
-    tensors = [t for caches in models_caches for t in cache_tensors(caches)] + list(buffers)
-    saved, rng = [t.clone() for t in tensors], torch.cuda.get_rng_state()
-    lengths = [(c.len, c.last) for c in models_caches]
-
-    def restore():
-        for t, s in zip(tensors, saved):
-            t.copy_(s)
-        for c, (n, last) in zip(models_caches, lengths):
-            c.len, c.last = n, last
-        torch.cuda.set_rng_state(rng)  # so that sampling draws what it would have drawn without a graph
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-            restore()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    restore()
-    for c in models_caches:
-        c.len = None
-    return graph.replay
-
-
 @torch.no_grad()
 def plain_generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, generator=None, graphs=False):
     """generate() with each one-token step (forward, sample, write) one CUDA graph. prompt (1, l) ->
@@ -119,7 +77,7 @@ def plain_generate(model, prompt, max_new_tokens, temperature=0.0, top_k=0, gene
         tokens.index_copy_(1, written, last)
         written.add_(1)
 
-    step = graphed(step, [caches], [last, tokens, written], graphs)
+    step = mil.graphed(step, [caches], [last, tokens, written], graphs)
     t0 = clock(prompt.device)
     for _ in range(max_new_tokens - 1):
         step()
@@ -194,7 +152,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
         d_caches.truncate(t_caches.pos - 1)
         rejections.add_(n[0] < k)
 
-    round_ = graphed(round_, [t_caches, d_caches], [tokens, rejections], graphs)
+    round_ = mil.graphed(round_, [t_caches, d_caches], [tokens, rejections], graphs)
     rounds, t0 = 0, clock(dev)
     while (left := max_new_tokens - (int(t_caches.pos) + 1 - l)) > 0:
         for _ in range(max(1, left // (k + 1))):  # rounds that cannot write past the buffers
@@ -214,7 +172,7 @@ def step_time(model, device, graphs, context=64, steps=50):
     caches = model.new_caches(1, context + steps + 8)
     model(torch.zeros(1, context, dtype=torch.long, device=device), caches=caches)
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-    step = graphed(lambda: model(tok, caches=caches), [caches], [], graphs)
+    step = mil.graphed(lambda: model(tok, caches=caches), [caches], [], graphs)
     step()
     _, dt = timed(lambda: [step() for _ in range(steps)], device)
     return dt / steps
@@ -319,11 +277,11 @@ def measure_context(model, batch, context, steps, dev, graphs):
         if gpu:
             torch.cuda.empty_cache()
         caches = model.new_caches(batch, context + steps + 2)
-        cache_mib = sum(t.numel() * t.element_size() for t in cache_tensors(caches)) / batch / 2 ** 20
+        cache_mib = sum(t.numel() * t.element_size() for t in mil.cache_tensors(caches)) / batch / 2 ** 20
         caches.len = context  # as if `context` tokens had been decoded: speed does not depend on their values
         caches.pos.fill_(context)
         tok = torch.randint(0, model.cfg.vocab_size, (batch, 1), device=dev)
-        step = graphed(lambda: model(tok, caches=caches), [caches], [], graphs)
+        step = mil.graphed(lambda: model(tok, caches=caches), [caches], [], graphs)
         step()
         _, dt = timed(lambda: [step() for _ in range(steps)], dev)
         del caches, step

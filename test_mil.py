@@ -898,6 +898,14 @@ def test_cuda_graph_decoding_matches_eager(temperature, mixer):
             torch.manual_seed(1)
             runs.append(fn(target, *args, prompt, 30, *((3,) if args else ()), temperature=temperature, graphs=graphs)[0])
         assert torch.equal(runs[0], runs[1]), fn.__name__
+    batch = torch.randint(0, 4096, (3, 5), device="cuda")  # mil.generate: a batch, a row that stops midway
+    torch.manual_seed(1)
+    stop = (int(mil.generate(target, batch, 40, temperature)[0, 12]),)
+    runs = []
+    for graphs in (False, True):
+        torch.manual_seed(1)
+        runs.append(mil.generate(target, batch, 40, temperature, stop=stop, graphs=graphs))
+    assert torch.equal(runs[0], runs[1]) and (runs[0][0, 12:] == stop[0]).all()
 
 
 def layer_inputs(b, heads, kv_heads, d_conv, e=4, l=None, dtype=torch.float32):
