@@ -44,9 +44,9 @@ PRESETS = {
     "gpu": dict(n_layer=8, d_model=384, n_head=6, n_kv_head=2, block_size=512, batch_size=32, dropout=0.3,
                 teacher_wd=1.0, teacher_steps=1500, eval_every=50, lr=2e-3, distill_steps=300, distill_lr=1e-3,
                 ft_steps=100, draft_steps=2000, generations=4096, ablate_steps=100, eval_windows=236),
-    "smollm2": dict(block_size=512, batch_size=16, eval_every=100, distill_steps=550, distill_lr=1e-3,
-                    ft_steps=100, draft_steps=1500, generations=1024, ablate_steps=200, eval_windows=128,
-                    attn_fractions="0.5,0.25", targets="mix", align_steps=300),
+    "smollm2": dict(block_size=512, batch_size=16, eval_every=100, distill_steps=1200, later_steps=300,
+                    distill_lr=1e-3, ft_steps=100, draft_steps=1500, generations=1024, ablate_steps=200,
+                    eval_windows=128, attn_fractions="0.5,0.25", targets="mix", align_steps=300),
 }
 SUFFIX = {"mamba1": "", "mamba2": "_m2"}  # of a hybrid's checkpoint name, per mixer
 ARCH = ("n_layer", "d_model", "n_head", "n_kv_head")  # the toy teacher's; a pretrained one brings its own
@@ -74,6 +74,7 @@ DEFAULTS = dict(
     beta=1.0,  # pure KL (alpha 0): the students learn the teacher alone (README: CE on the corpus wins on its domain)
     targets="corpus",  # the text distilled on: corpus | teacher (its own generations: sequence-level KD) | mix (half each)
     align_steps=0,  # before stage 1: each Mamba layer alone to its attention layer's output (not in the paper)
+    later_steps=0,  # stage 1 of each later stepwise student, which starts from the one before (0: distill_steps)
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
     draft_layers=1,  # the speculative-decoding draft's layers, taken from the teacher's (0: no draft)
     ablate=False,
@@ -591,7 +592,8 @@ def resolve(argv):
     for key in positive:
         need(cfg, key, cfg[key] >= 1, "takes a positive integer")
     need(cfg, "batch_size", cfg["batch_size"] % WORLD == 0, f"takes a multiple of the {WORLD} processes (the global batch)")
-    for key in ("ft_steps", "warmup", "stop_after", "draft_layers", "align_steps", "weight_decay", "teacher_wd"):
+    for key in ("ft_steps", "warmup", "stop_after", "draft_layers", "align_steps", "later_steps", "weight_decay",
+                "teacher_wd"):
         need(cfg, key, cfg[key] >= 0, "takes 0 or more")
     for key in ("lr", "distill_lr", "grad_clip", "gate_norm_init"):
         need(cfg, key, cfg[key] > 0, "takes a positive number")
@@ -732,7 +734,7 @@ def main(argv=None):
         for frac in fractions:
             name = f"attn{round(frac * 100)}{SUFFIX[mixer]}"
             prev = student_stage(cfg, data, teacher, name, mil.kept_attention(teacher.cfg.n_layer, frac), prev,
-                                 pool=pool, mixer=mixer)
+                                 pool=pool, mixer=mixer, steps=cfg["later_steps"] if prev else None)
             students.append((name, prev))
             if cfg["finetune"]:
                 students.append((name + "_ft", finetune_stage(cfg, data, teacher, prev, name + "_ft", pool)))
