@@ -266,8 +266,8 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                      TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program walks T steps of BLOCK_D channels: piece row % P of batch row row // P (P = 1, T = L:
     the whole sequence). OUTPUT=False (the first pass of a prefill in pieces) computes only the end
-    state and the sum of Delta; CARRY (its second pass) starts from what the earlier pieces carry in,
-    from those; SAVE_CHUNKS keeps what the backward reads: the chunk-start states and, with z, the
+    state and the sum of Delta; CARRY (its second pass) first folds those of the earlier pieces into
+    its start state; SAVE_CHUNKS keeps what the backward reads: the chunk-start states and, with z, the
     output before its gate (as mamba_ssm does; the backward's dz needs it)."""
     row, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, start = row // P, (row % P) * T
@@ -804,8 +804,8 @@ def _scan_fwd(u, delta, A, B, C, D, z, bias, h0, softplus, pieces=1, output=True
         h0 if h0 is not None else A, out if output else u, y if y is not None else u, chunk_states if save_chunks else A, last,
         dt_sums if dt_sums is not None else A, ends, L, L // pieces, pieces, di, n, di // g, n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
-        SOFTPLUS=softplus, OUTPUT=output, CARRY=carry is not None, SAVE_CHUNKS=save_chunks, CHUNK=CHUNK, TILE=_tile(), BLOCK_D=block_d,
-        BLOCK_N=block_n, num_warps=warps)
+        SOFTPLUS=softplus, OUTPUT=output, CARRY=carry is not None, SAVE_CHUNKS=save_chunks, CHUNK=CHUNK,
+        TILE=_tile(), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
     return out, (chunk_states, y), last, dt_sums
 
 
