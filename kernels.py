@@ -201,6 +201,21 @@ def mamba_step_ref(state, conv, xBCzdt, conv_weight, conv_bias, A, D, dt_bias, h
     return (update or selective_state_update_ref)(state, x, dt, A, B, C, D, z, dt_bias, True)
 
 
+def mamba_prefill_ref(state, conv, xBCzdt, conv_weight, conv_bias, A, D, dt_bias, heads):
+    """A prompt's l tokens xBCzdt (b, l, ..) after the cached state: the causal conv over the cached k
+    inputs conv (b, di, k) and the new x, SiLU, then `selective_scan_ref` from state (b, di, n). Both
+    caches are updated in place. Returns y (b, l, di)."""
+    (b, di, n), k = state.shape, conv.shape[-1]
+    x, B, C, z, dt = (rearrange(t, "b l ... -> b ... l") for t in _fields(xBCzdt, heads, n, di))
+    window = torch.cat([conv, x], dim=-1)  # (b, di, k + l)
+    conv.copy_(window[..., window.shape[-1] - k:])
+    x = F.silu(F.conv1d(window.float(), conv_weight[:, None], conv_bias, groups=di)).to(x.dtype)
+    B = B.repeat_interleave(heads // B.shape[1], dim=1)  # (b, h, n, l), as C
+    y, last = selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, True, return_last_state=True, initial_state=state)
+    state.copy_(last)
+    return y.transpose(1, 2)
+
+
 def mamba_verify_ref(state, conv, conv_window, x_prev, dt_prev, B_prev, replay, xBCzdt, conv_weight, conv_bias,
                      A, D, dt_bias, heads):
     """Algorithm 2's verification of l tokens xBCzdt (b, l, ..): their raw x after the cached k go to
@@ -259,28 +274,50 @@ def _delta(dt, bias, mt, SOFTPLUS: tl.constexpr):  # Delta for a [d, TILE] tile;
 
 
 @triton.jit
+def _conv_tile(x_ptr, past_ptr, cw_ptr, cb, xrows, prow, d, tt, mt, s_xt, K: tl.constexpr, dtype):
+    """u for a [d, TILE] tile of times tt where the scan runs the causal conv itself: SiLU of the conv
+    over the raw x at tt - K .. tt (before time 0: the cached window past (b, di, K)), rounded to dtype
+    as a stored u would be."""
+    u = cb[:, None]
+    for i in tl.static_range(K + 1):
+        ti = tt - K + i  # [TILE]
+        x = tl.load(x_ptr + xrows + (i - K) * s_xt, mask=mt[None, :] & (ti >= 0)[None, :], other=0.0)
+        if K > 0:
+            x += tl.load(past_ptr + prow[:, None] + (K + ti)[None, :], mask=mt[None, :] & (ti < 0)[None, :], other=0.0)
+        u = u + tl.load(cw_ptr + d * (K + 1) + i)[:, None] * x.to(tl.float32)
+    return (u * tl.sigmoid(u)).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, y_ptr, hc_ptr,
-                     last_ptr, dtsum_ptr, ends_ptr, L, T, P, DI, N, REP, n_chunks, HAS_D: tl.constexpr,
+                     last_ptr, dtsum_ptr, ends_ptr, cw_ptr, cb_ptr, past_ptr, L, T, P, DI, N, REP, BREP, n_chunks,
+                     s_ub, s_uc, s_ut, s_Bb, s_Bg, s_Bn, s_Bt, s_ob, s_oc, s_ot, HAS_D: tl.constexpr,
                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     OUTPUT: tl.constexpr, CARRY: tl.constexpr, SAVE_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
-                     TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                     OUTPUT: tl.constexpr, CARRY: tl.constexpr, SAVE_CHUNKS: tl.constexpr, CONV: tl.constexpr,
+                     CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program walks T steps of BLOCK_D channels: piece row % P of batch row row // P (P = 1, T = L:
     the whole sequence). OUTPUT=False (the first pass of a prefill in pieces) computes only the end
     state and the sum of Delta; CARRY (its second pass) first folds those of the earlier pieces into
     its start state; SAVE_CHUNKS keeps what the backward reads: the chunk-start states and, with z, the
-    output before its gate (as mamba_ssm does; the backward's dz needs it)."""
+    output before its gate (as mamba_ssm does; the backward's dz needs it). Any strides: u, Delta and z
+    share theirs (s_u*), B and C theirs, out and y theirs. With CONV = k >= 0 (a Mamba layer's prefill,
+    read in place from its input projection) u is the raw x per B group of BREP groups of C (a KV head
+    of BREP heads), and the conv over the cached k inputs past (b, di, k) and SiLU make the scan's u
+    (CONV = -1: u is the scan's input)."""
     row, pd = tl.program_id(0).to(tl.int64), tl.program_id(1)
     b, start = row // P, (row % P) * T
     d = pd * BLOCK_D + tl.arange(0, BLOCK_D)  # this program's channels
     n = tl.arange(0, BLOCK_N)
     k = tl.arange(0, TILE)  # time within a tile
     mn = n < N
-    g = (pd * BLOCK_D) // REP  # their group
+    g = (pd * BLOCK_D) // REP  # their group of C, and of B: g // BREP
+    xc = (d // (REP * BREP)) * REP + d % REP  # their channels of u: d, or the KV head's that the conv reads
     dn = d[:, None] * N + n[None, :]  # offsets into (di, n) tensors
     # stage 1: per-channel constants, A pre-scaled so that exp(dt * A) = exp2(dt * A2)
     A2 = tl.load(A_ptr + dn, mask=mn[None, :], other=0.0) * LOG2E
     Dv = tl.load(D_ptr + d) if HAS_D else tl.zeros([BLOCK_D], dtype=tl.float32)
     bias = tl.load(bias_ptr + d) if HAS_BIAS else tl.zeros([BLOCK_D], dtype=tl.float32)
+    cb = tl.load(cb_ptr + d) if CONV >= 0 else bias
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     if HAS_H0:  # per batch row in the pieces' second pass, else per program row
         h = tl.load(h0_ptr + (b if CARRY else row) * DI * N + dn, mask=mn[None, :], other=0.0)
@@ -289,14 +326,21 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
             h = tl.exp2(A2 * tl.load(dtsum_ptr + q * DI + d)[:, None]) * h + \
                 tl.load(ends_ptr + q * DI * N + dn, mask=mn[None, :], other=0.0)
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    rows = (b * DI + d)[:, None] * L + start + k[None, :]  # [d, TILE] tiles of u, delta, z, out: 16-byte loads along time
-    u_p, t_p, z_p, o_p, y_p = u_ptr + rows, dt_ptr + rows, z_ptr + rows, out_ptr + rows, y_ptr + rows
-    bc = ((b * (DI // REP) + g) * N + n)[:, None] * L + start + k[None, :]  # [n, TILE] tiles of B and C
-    B_p, C_p = B_ptr + bc, C_ptr + bc
+    tt = start + k  # [TILE] tiles of u, delta, z, out (16-byte loads along time where its stride is 1)
+    rows, xrows = b * s_ub + d[:, None] * s_uc + tt[None, :] * s_ut, b * s_ub + xc[:, None] * s_uc + tt[None, :] * s_ut
+    u_p, t_p, z_p = u_ptr + xrows, dt_ptr + rows, z_ptr + rows
+    orows = b * s_ob + d[:, None] * s_oc + tt[None, :] * s_ot
+    o_p, y_p = out_ptr + orows, y_ptr + orows
+    bc = b * s_Bb + n[:, None] * s_Bn + tt[None, :] * s_Bt  # [n, TILE] tiles of B and C
+    B_p, C_p = B_ptr + bc + (g // BREP) * s_Bg, C_ptr + bc + g * s_Bg
+    prow = (b * DI + d) * CONV  # the conv's cached inputs
     hc_p = hc_ptr + (row * DI * n_chunks + d[:, None] * n_chunks) * N + n[None, :]  # (b, di, chunks, n)
     # stage 2: walk time a tile at a time; the next tile's loads are issued before this one's math
     mt = k < T
-    u_n = tl.load(u_p, mask=mt[None, :], other=0.0)
+    if CONV >= 0:
+        u_n = _conv_tile(u_ptr, past_ptr, cw_ptr, cb, xrows, prow, d, tt, mt, s_ut, CONV, out_ptr.dtype.element_ty)
+    else:
+        u_n = tl.load(u_p, mask=mt[None, :], other=0.0)
     t_n = tl.load(t_p, mask=mt[None, :], other=0.0)
     z_n = tl.load(z_p, mask=mt[None, :], other=0.0) if HAS_Z and OUTPUT else u_n
     B_n = tl.load(B_p, mask=mn[:, None] & mt[None, :], other=0.0)
@@ -306,13 +350,17 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
             tl.store(hc_p + (t0 // CHUNK) * N, h, mask=mn[None, :])
         u, dt, z, Bt, Ct = u_n.to(tl.float32), t_n.to(tl.float32), z_n.to(tl.float32), B_n.to(tl.float32), C_n.to(tl.float32)
         mt, mt_n = (t0 + k) < T, (t0 + TILE + k) < T
-        u_n = tl.load(u_p + (t0 + TILE), mask=mt_n[None, :], other=0.0)
-        t_n = tl.load(t_p + (t0 + TILE), mask=mt_n[None, :], other=0.0)
+        if CONV >= 0:
+            u_n = _conv_tile(u_ptr, past_ptr, cw_ptr, cb, xrows + (t0 + TILE) * s_ut, prow, d, tt + t0 + TILE, mt_n,
+                             s_ut, CONV, out_ptr.dtype.element_ty)
+        else:
+            u_n = tl.load(u_p + (t0 + TILE) * s_ut, mask=mt_n[None, :], other=0.0)
+        t_n = tl.load(t_p + (t0 + TILE) * s_ut, mask=mt_n[None, :], other=0.0)
         if HAS_Z and OUTPUT:
-            z_n = tl.load(z_p + (t0 + TILE), mask=mt_n[None, :], other=0.0)
-        B_n = tl.load(B_p + (t0 + TILE), mask=mn[:, None] & mt_n[None, :], other=0.0)
+            z_n = tl.load(z_p + (t0 + TILE) * s_ut, mask=mt_n[None, :], other=0.0)
+        B_n = tl.load(B_p + (t0 + TILE) * s_Bt, mask=mn[:, None] & mt_n[None, :], other=0.0)
         if OUTPUT:
-            C_n = tl.load(C_p + (t0 + TILE), mask=mn[:, None] & mt_n[None, :], other=0.0)
+            C_n = tl.load(C_p + (t0 + TILE) * s_Bt, mask=mn[:, None] & mt_n[None, :], other=0.0)
         # stage 3: Delta for the whole tile
         dt = _delta(dt, bias, mt, SOFTPLUS)
         dtu = dt * u
@@ -327,9 +375,9 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
             y += Dv[:, None] * u
             if HAS_Z:
                 if SAVE_CHUNKS:
-                    tl.store(y_p + t0, y.to(y_ptr.dtype.element_ty), mask=mt[None, :])
+                    tl.store(y_p + t0 * s_ot, y.to(y_ptr.dtype.element_ty), mask=mt[None, :])
                 y = y * z * tl.sigmoid(z)
-            tl.store(o_p + t0, y.to(out_ptr.dtype.element_ty), mask=mt[None, :])
+            tl.store(o_p + t0 * s_ot, y.to(out_ptr.dtype.element_ty), mask=mt[None, :])
         else:  # the state alone, and the Delta that the pieces' decays are made of
             for s in tl.static_range(TILE):
                 h = tl.exp2(_col(dt, s, k)[:, None] * A2) * h + _col(dtu, s, k)[:, None] * _col(Bt, s, k)[None, :]
@@ -531,32 +579,34 @@ def _mamba_step_kernel(state_ptr, conv_ptr, p_ptr, cw_ptr, cb_ptr, A_ptr, D_ptr,
 
 @triton.jit
 def _mamba_verify_kernel(state_ptr, conv_ptr, win_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, p_ptr, cw_ptr, cb_ptr,
-                         A_ptr, D_ptr, bias_ptr, out_ptr, L, W, DI, N, P, REP, s_pb, s_pl,
-                         K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                         A_ptr, D_ptr, bias_ptr, out_ptr, DI, N, P, REP, s_pb, s_pl, L: tl.constexpr,
+                         W: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Algorithm 2's MultiStep for a Mamba layer after its input projection: load the committed state,
     replay the accepted prefix of the last verified tokens (no outputs), store it as the new committed
     state; then the new tokens: their raw x after the cached window into the conv window, conv, SiLU,
     outputs (b, l, di), writing no state, only their x and Delta over the replayed ones (a program's
-    own channels: no other program reads them)."""
+    own channels: no other program reads them). The loops are unrolled (L, W known when compiled), so
+    that their loads need not wait for each other."""
     b, d, n, mn, kv, G, sp, h, A2, ox, oB, oC, oz, odt = _layer_tile(state_ptr, A_ptr, p_ptr, DI, N, P, REP,
                                                                      BLOCK_D, BLOCK_N)
     bias, Dv = tl.load(bias_ptr + d), tl.load(D_ptr + d)
     prev, win = (b * DI + d) * W, win_ptr + (b * DI + d) * (K + W)  # this row's channels in x_prev, the window
     # stage 1: replay the accepted tokens of the previous verification (this row's count of them)
-    for i in range(tl.load(replay_ptr + b)):
+    replay = tl.load(replay_ptr + b)
+    for i in tl.static_range(W):
         x = tl.load(xp_ptr + prev + i).to(tl.float32)
         dt = _softplus(tl.load(tp_ptr + prev + i).to(tl.float32) + bias)
         Bt = tl.load(Bp_ptr + ((b * G + kv) * N + n) * W + i, mask=mn, other=0.0).to(tl.float32)
-        h = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
+        h = tl.where(i < replay, tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None], h)
     tl.store(sp, h, mask=mn[:, None])
     # stage 2: the conv window: the cached K inputs, then the new tokens' raw x
     for i in tl.static_range(K):
         tl.store(win + i, tl.load(conv_ptr + (b * DI + d) * K + i))
-    for t in range(L):
+    for t in tl.static_range(L):
         tl.store(win + K + t, tl.load(p_ptr + b * s_pb + t * s_pl + ox).to(win_ptr.dtype.element_ty))
     tl.debug_barrier()  # every replayed input and window entry is in place before stage 3 reads and overwrites
     # stage 3: the new tokens, outputs only
-    for t in range(L):
+    for t in tl.static_range(L):
         row = p_ptr + b * s_pb + t * s_pl
         x = _conv_silu(win + t, cw_ptr, cb_ptr, d, K, out_ptr.dtype.element_ty)
         dt_raw = tl.load(row + odt)
@@ -785,27 +835,34 @@ def _flat(*ts):  # the scan kernels index (b, di, l) and (b, g, n, l) tensors as
     return [t.contiguous() if t is not None else None for t in ts]
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, bias, h0, softplus, pieces=1, output=True, save_chunks=False, carry=None):
+def _scan_fwd(u, delta, A, B, C, D, z, bias, h0, softplus, pieces=1, output=True, save_chunks=False, carry=None,
+              conv=None, out=None):
     """Launch the forward kernel: b * pieces rows of programs, each walking L / pieces steps. Returns
     out (b, di, l) or None; with save_chunks, what the backward reads: the chunk-start states and, with
     z, the output before the gate (else Nones); the end states (b * pieces, di, n) and, without
     output, each piece's sum of Delta (b * pieces, di). carry: the first pass's end states and sums of
-    Delta, from which the second pass starts each piece."""
-    (b, di, L), (n, g) = u.shape, (A.shape[1], B.shape[1])
+    Delta, from which the second pass starts each piece. conv: (weight (di, k + 1), bias, the cached k
+    inputs (b, di, k)), with u the raw x of B's groups: the kernel runs the conv. Any strides, as long
+    as u, delta and z share theirs and B and C theirs; out: where to write (default: like u)."""
+    (b, di, L), (n, g) = delta.shape, (A.shape[1], C.shape[1])
+    same = lambda a, c: a is None or all(i == j for i, j, m in zip(a.stride(), c.stride(), a.shape) if m > 1)
+    assert same(u, delta) and same(z, delta) and same(B, C), "u, delta and z must share strides, B and C theirs"
     block_d, block_n, warps = _scan_blocks(di, g, n, FWD)
     n_chunks = triton.cdiv(L, CHUNK)
-    out = _alloc_like(u) if output else None
+    out = (_alloc_like(u) if out is None else out) if output else None
     y = _alloc_like(u) if save_chunks and z is not None else None  # the output before the gate, for dz
     chunk_states = _alloc(b, di, n_chunks, n, like=u, dtype=torch.float32) if save_chunks else None
     last = _alloc(b * pieces, di, n, like=u, dtype=torch.float32)
     ends, dt_sums = carry or (A, None if output else _alloc(b * pieces, di, like=u, dtype=torch.float32))
+    cw, cb, past = conv or (A, A, A)
     _scan_fwd_kernel[(b * pieces, di // block_d)](
         u, delta, A, B, C, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
         h0 if h0 is not None else A, out if output else u, y if y is not None else u, chunk_states if save_chunks else A, last,
-        dt_sums if dt_sums is not None else A, ends, L, L // pieces, pieces, di, n, di // g, n_chunks,
+        dt_sums if dt_sums is not None else A, ends, cw, cb, past, L, L // pieces, pieces, di, n, di // g,
+        g // B.shape[1], n_chunks, *delta.stride(), *C.stride(), *(out if output else delta).stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
-        SOFTPLUS=softplus, OUTPUT=output, CARRY=carry is not None, SAVE_CHUNKS=save_chunks, CHUNK=CHUNK,
-        TILE=_tile(), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
+        SOFTPLUS=softplus, OUTPUT=output, CARRY=carry is not None, SAVE_CHUNKS=save_chunks,
+        CONV=past.shape[-1] if conv else -1, CHUNK=CHUNK, TILE=_tile(), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
     return out, (chunk_states, y), last, dt_sums
 
 
@@ -853,24 +910,26 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False, initial_state=None):
     """Triton forward and backward; the contract of `selective_scan_ref`."""
     _check(u, delta, A, B, C, z)
-    pieces = _pieces(u, B.shape[1], A.shape[1])
+    pieces = _pieces(delta, B.shape[1], A.shape[1])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z))
     if pieces > 1 and not needs_grad:
-        out, last = _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, pieces)
+        u, delta, B, C, z = _flat(u, delta, B, C, z)
+        A, D, bias, h0 = _floats(A, D, delta_bias, initial_state)
+        out, last = _scan_in_pieces(u, delta, A, B, C, D, z, bias, h0, delta_softplus, pieces)
         return (out, last) if return_last_state else out
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
     return (out, last) if return_last_state else out
 
 
-def _pieces(u, groups, n):
+def _pieces(delta, groups, n):
     """How many pieces to cut time into for a long prompt at small batch, where the b * di / BLOCK_D
     programs of one walk over time would leave most of the GPU idle; pieces of at least 128 steps, as
     shorter ones gain less than their second launch costs (PIECES overrides it)."""
-    (b, di, L), shortest = u.shape, 1 if PIECES else 128
+    (b, di, L), shortest = delta.shape, 1 if PIECES else 128
     if PIECES:
         pieces = PIECES
-    elif u.is_cuda:  # measured (`python kernels.py prefill`): pieces pay only while one walk has fewer programs
-        sms = torch.cuda.get_device_properties(u.device).multi_processor_count  # than SMs, most at about 8 per SM
+    elif delta.is_cuda:  # measured (`python kernels.py prefill`): pieces pay only while one walk has fewer programs
+        sms = torch.cuda.get_device_properties(delta.device).multi_processor_count  # than SMs, most at about 8 per SM
         programs = b * di // _scan_blocks(di, groups, n, FWD)[0]
         pieces = 2 ** round(math.log2(8 * sms / programs)) if programs < sms else 1
     else:
@@ -880,17 +939,16 @@ def _pieces(u, groups, n):
     return pieces
 
 
-def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, pieces):
+def _scan_in_pieces(u, delta, A, B, C, D, z, bias, h0, softplus, pieces, conv=None, out=None):
     """Prefill of a long prompt (no gradients), with time cut into P pieces run as extra rows of
     programs, two launches: (1) each piece from a zero state, for its end state and its sum of Delta
     (no outputs); (2) each piece again, for the outputs, from its true start, which its program first
     folds from the earlier pieces' end states (h = exp(A * a piece's sum of Delta) h + its end, from
-    h0). About twice the work of one walk, P times shorter walks."""
-    b, di, L = u.shape
-    u, delta, B, C, z = _flat(u, delta, B, C, z)
-    A, D, bias, h0 = _floats(A, D, delta_bias, initial_state)
-    _, _, ends, dt_sums = _scan_fwd(u, delta, A, B, C, None, None, bias, None, delta_softplus, pieces, output=False)
-    y, _, last, _ = _scan_fwd(u, delta, A, B, C, D, z, bias, h0, delta_softplus, pieces, carry=(ends, dt_sums))
+    h0). About twice the work of one walk, P times shorter walks. Returns out and the last state."""
+    b, di = delta.shape[:2]
+    _, _, ends, dt_sums = _scan_fwd(u, delta, A, B, C, None, None, bias, None, softplus, pieces, output=False, conv=conv)
+    y, _, last, _ = _scan_fwd(u, delta, A, B, C, D, z, bias, h0, softplus, pieces, carry=(ends, dt_sums), conv=conv,
+                              out=out)
     return y, last.view(b, pieces, di, -1)[:, -1]
 
 
@@ -941,9 +999,32 @@ def mamba_verify(state, conv, conv_window, x_prev, dt_prev, B_prev, replay, xBCz
     out = _alloc(b, l, di, like=xBCzdt)
     _mamba_verify_kernel[(b, di // block_d)](
         state, conv, conv_window, x_prev, dt_prev, B_prev, replay, xBCzdt, conv_weight, conv_bias, A, D, dt_bias, out,
-        l, w, di, n, p, heads // g, xBCzdt.stride(0), xBCzdt.stride(1), K=conv.shape[-1], BLOCK_D=block_d,
+        di, n, p, heads // g, xBCzdt.stride(0), xBCzdt.stride(1), L=l, W=w, K=conv.shape[-1], BLOCK_D=block_d,
         BLOCK_N=block_n, num_warps=WARPS)
     B_prev[..., :l] = rearrange(xBCzdt[..., g * p:g * (p + n)], "b l (g n) -> b g n l", n=n)  # after the kernel's replay
+    return out
+
+
+def mamba_prefill(state, conv, xBCzdt, conv_weight, conv_bias, A, D, dt_bias, heads):
+    """Triton prefill of a Mamba layer after its input projection; the contract of `mamba_prefill_ref`.
+    The scan reads x, B, C, z and Delta in place from xBCzdt (x and B per KV head, no repeated copies)
+    and runs the conv itself: one launch, or two in pieces; y is written (b, l, di), as o_proj reads it."""
+    b, di, n, p, g, _ = _layer_checks(state, conv, xBCzdt, heads, conv_weight, conv_bias, A, D, dt_bias)
+    l, k = xBCzdt.shape[1], conv.shape[-1]
+    x, B, C, z, dt = xBCzdt.split([g * p, g * n, heads * n, di, di], dim=-1)  # (b, l, ..) views
+    x, z, dt = (t.transpose(1, 2) for t in (x, z, dt))  # (b, channels, l), strided: the scan's layout
+    B, C = (t.unflatten(-1, (-1, n)).permute(0, 2, 3, 1) for t in (B, C))  # (b, groups, n, l)
+    out = _alloc(b, l, di, like=xBCzdt)
+    pieces, fused = _pieces(dt, heads, n), dict(conv=(conv_weight, conv_bias, conv), out=out.transpose(1, 2))
+    if pieces > 1:
+        last = _scan_in_pieces(x, dt, A, B, C, D, z, dt_bias, state, True, pieces, **fused)[1]
+    else:
+        last = _scan_fwd(x, dt, A, B, C, D, z, dt_bias, state, True, **fused)[2]
+    if l >= k:  # the conv's cache: the last k raw inputs, repeated over each KV head's heads
+        conv.unflatten(1, (g, heads // g, p)).copy_(x[..., l - k:].unflatten(1, (g, 1, p)))
+    else:
+        conv.copy_(torch.cat([conv, repeat(x, "b (g p) l -> b (g r p) l", r=heads // g, p=p)], dim=-1)[..., l:])
+    state.copy_(last)
     return out
 
 
@@ -1195,6 +1276,10 @@ def step(*args):
     if BACKEND == "mamba_ssm":
         return mamba_step_ref(*args, update=official_update)
     return (mamba_step if use_triton(args[0].device) else mamba_step_ref)(*args)
+
+
+def prefill(*args):
+    return (mamba_prefill if use_triton(args[0].device) else mamba_prefill_ref)(*args)
 
 
 def verify(*args):

@@ -578,23 +578,17 @@ class MambaMixer(nn.Module):
             return self.o_proj(self.decode(o, cache))
         # Delta, low rank d -> r -> di (dt_proj's bias goes to the scan)
         dt = F.linear(self.dt_in_proj(o), self.dt_proj.weight)
-        xBCzdt = (self.v_proj(o), self.k_proj(o), self.q_proj(o), self.z_proj(o), dt)
-        k = self.cfg.d_conv - 1
-        ssm = -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()  # A, D, Delta's bias
-        y, _, _ = self.mix(*xBCzdt, o.new_zeros(o.shape[0], self.D.numel(), k), *ssm)
-        return self.o_proj(y)
+        return self.o_proj(self.mix(self.v_proj(o), self.k_proj(o), self.q_proj(o), self.z_proj(o), dt))
 
-    def mix(self, x, B, C, z, dt, past, A, D, dt_bias, h0=None):
-        """The layer between its projections (b, l, ..) and o_proj: the causal conv over time after the
-        `past` k inputs (b, di, k), SiLU, the scan (from state h0). Returns y (b, l, di), the conv's
-        input and the last state."""
+    def mix(self, x, B, C, z, dt):
+        """The layer between its projections (b, l, ..) and o_proj in training and evaluation: the causal
+        conv over time, SiLU, the scan. Returns y (b, l, di). (With caches: kernels.prefill.)"""
         x, B, C = self.scan_layout(x, B, C)
         z, dt = (rearrange(t, "b l di -> b di l") for t in (z, dt))
-        x_pad = torch.cat([past, x], dim=-1)  # (b, di, k + l)
-        x = F.silu(F.conv1d(x_pad, self.conv1d.weight, self.conv1d.bias, groups=x.shape[1]))  # (b, di, l)
-        y, last = kernels.scan(x, dt, A, B, C, D=D, z=z, delta_bias=dt_bias, delta_softplus=True,
-                               return_last_state=True, initial_state=h0)
-        return rearrange(y, "b di l -> b l di"), x_pad, last
+        x = F.silu(F.conv1d(F.pad(x, (self.cfg.d_conv - 1, 0)), self.conv1d.weight, self.conv1d.bias, groups=x.shape[1]))
+        y = kernels.scan(x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+                         delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, di, l)
+        return rearrange(y, "b di l -> b l di")
 
     def scan_layout(self, x, B, C):
         """x, B per KV head and C per head (b, l, ..) -> the scan's x (b, di, l) and B, C (b, h, n, l):
@@ -618,8 +612,8 @@ class MambaMixer(nn.Module):
 
     def decode(self, o, cache):
         """With caches: one GEMM for all the layer's inputs, then a decode step (one fused kernel),
-        Algorithm 2's verification (one fused kernel), or a prefill (the scan from the cached state).
-        Returns y (b, l, di) for o_proj."""
+        Algorithm 2's verification (one fused kernel), or a prefill (the scan from the cached state, the
+        conv inside it: one kernel, two for a long prompt). Returns y (b, l, di) for o_proj."""
         w, h = cache.seq.mamba[cache.j], self.cfg.n_head
         xBCzdt = F.linear(o, w.in_proj)  # (b, l, g e + g e + h e + 2 di)
         constants = (w.conv_weight, w.conv_bias, w.A, w.D, w.dt_bias, h)
@@ -628,12 +622,7 @@ class MambaMixer(nn.Module):
                                   xBCzdt, *constants)
         if o.shape[1] == 1:  # one decode step updates the state and the conv window in place
             return kernels.step(cache.ssm, cache.conv, xBCzdt[:, 0], *constants)[:, None]
-        g, e, di = self.cfg.n_kv_head, self.cfg.head_dim, self.D.numel()  # prefill: the scan from the cached state
-        y, x_pad, last = self.mix(*xBCzdt.split([g * e, g * e, h * e, di, di], dim=-1), cache.conv, w.A, w.D,
-                                  w.dt_bias, cache.ssm)
-        cache.ssm.copy_(last)
-        cache.conv.copy_(x_pad[..., x_pad.shape[-1] - cache.conv.shape[-1]:])
-        return y
+        return kernels.prefill(cache.ssm, cache.conv, xBCzdt, *constants)  # the scan from the cached state
 
 
 class Mamba2Mixer(nn.Module):

@@ -975,6 +975,26 @@ def test_fused_verify_matches_reference_for_every_replay_count(heads, kv_heads, 
         torch.testing.assert_close(committed[row:row + 1], h, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,d_conv,programs", GQA_CASES)
+def test_fused_prefill_matches_reference(heads, kv_heads, d_conv, programs, monkeypatch):
+    """A Mamba layer's prefill from its caches (the scan reading its input projection in place, the
+    conv inside it) against its reference, three prompts in a row (state and conv window carried): as
+    one walk, in 4 pieces of time, and a prompt shorter than the conv window."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    monkeypatch.setattr(kernels, "CHUNK", 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        state, conv, _, constants = layer_inputs(2, heads, kv_heads, d_conv, dtype=dtype)
+        state_ref, conv_ref = state.clone(), conv.clone()
+        for l, pieces in ((24, 1), (32, 4), (2, 1)):
+            monkeypatch.setattr(kernels, "PIECES", pieces)
+            p = layer_inputs(2, heads, kv_heads, d_conv, l=l, dtype=dtype)[2]
+            y = kernels.mamba_prefill(state, conv, p, *constants, heads)
+            y_ref = kernels.mamba_prefill_ref(state_ref, conv_ref, p, *constants, heads)
+            torch.testing.assert_close(y, y_ref, **TOL[dtype])
+            torch.testing.assert_close(state, state_ref, **TOL[dtype])
+            assert torch.equal(conv, conv_ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_rms_norm_matches_reference(dtype, monkeypatch):
     monkeypatch.setattr(kernels, "POISON", True)
