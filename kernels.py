@@ -579,34 +579,32 @@ def _mamba_step_kernel(state_ptr, conv_ptr, p_ptr, cw_ptr, cb_ptr, A_ptr, D_ptr,
 
 @triton.jit
 def _mamba_verify_kernel(state_ptr, conv_ptr, win_ptr, xp_ptr, tp_ptr, Bp_ptr, replay_ptr, p_ptr, cw_ptr, cb_ptr,
-                         A_ptr, D_ptr, bias_ptr, out_ptr, DI, N, P, REP, s_pb, s_pl, L: tl.constexpr,
-                         W: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                         A_ptr, D_ptr, bias_ptr, out_ptr, L, W, DI, N, P, REP, s_pb, s_pl,
+                         K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Algorithm 2's MultiStep for a Mamba layer after its input projection: load the committed state,
     replay the accepted prefix of the last verified tokens (no outputs), store it as the new committed
     state; then the new tokens: their raw x after the cached window into the conv window, conv, SiLU,
     outputs (b, l, di), writing no state, only their x and Delta over the replayed ones (a program's
-    own channels: no other program reads them). The loops are unrolled (L, W known when compiled), so
-    that their loads need not wait for each other."""
+    own channels: no other program reads them)."""
     b, d, n, mn, kv, G, sp, h, A2, ox, oB, oC, oz, odt = _layer_tile(state_ptr, A_ptr, p_ptr, DI, N, P, REP,
                                                                      BLOCK_D, BLOCK_N)
     bias, Dv = tl.load(bias_ptr + d), tl.load(D_ptr + d)
     prev, win = (b * DI + d) * W, win_ptr + (b * DI + d) * (K + W)  # this row's channels in x_prev, the window
     # stage 1: replay the accepted tokens of the previous verification (this row's count of them)
-    replay = tl.load(replay_ptr + b)
-    for i in tl.static_range(W):
+    for i in range(tl.load(replay_ptr + b)):
         x = tl.load(xp_ptr + prev + i).to(tl.float32)
         dt = _softplus(tl.load(tp_ptr + prev + i).to(tl.float32) + bias)
         Bt = tl.load(Bp_ptr + ((b * G + kv) * N + n) * W + i, mask=mn, other=0.0).to(tl.float32)
-        h = tl.where(i < replay, tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None], h)
+        h = tl.exp2(dt[None, :] * A2) * h + (dt * x)[None, :] * Bt[:, None]
     tl.store(sp, h, mask=mn[:, None])
     # stage 2: the conv window: the cached K inputs, then the new tokens' raw x
     for i in tl.static_range(K):
         tl.store(win + i, tl.load(conv_ptr + (b * DI + d) * K + i))
-    for t in tl.static_range(L):
+    for t in range(L):
         tl.store(win + K + t, tl.load(p_ptr + b * s_pb + t * s_pl + ox).to(win_ptr.dtype.element_ty))
     tl.debug_barrier()  # every replayed input and window entry is in place before stage 3 reads and overwrites
     # stage 3: the new tokens, outputs only
-    for t in tl.static_range(L):
+    for t in range(L):
         row = p_ptr + b * s_pb + t * s_pl
         x = _conv_silu(win + t, cw_ptr, cb_ptr, d, K, out_ptr.dtype.element_ty)
         dt_raw = tl.load(row + odt)
@@ -999,7 +997,7 @@ def mamba_verify(state, conv, conv_window, x_prev, dt_prev, B_prev, replay, xBCz
     out = _alloc(b, l, di, like=xBCzdt)
     _mamba_verify_kernel[(b, di // block_d)](
         state, conv, conv_window, x_prev, dt_prev, B_prev, replay, xBCzdt, conv_weight, conv_bias, A, D, dt_bias, out,
-        di, n, p, heads // g, xBCzdt.stride(0), xBCzdt.stride(1), L=l, W=w, K=conv.shape[-1], BLOCK_D=block_d,
+        l, w, di, n, p, heads // g, xBCzdt.stride(0), xBCzdt.stride(1), K=conv.shape[-1], BLOCK_D=block_d,
         BLOCK_N=block_n, num_warps=WARPS)
     B_prev[..., :l] = rearrange(xBCzdt[..., g * p:g * (p + n)], "b l (g n) -> b g n l", n=n)  # after the kernel's replay
     return out
