@@ -585,7 +585,8 @@ class MambaMixer(nn.Module):
         conv over time, SiLU, the scan. Returns y (b, l, di). (With caches: kernels.prefill.)"""
         x, B, C = self.scan_layout(x, B, C)
         z, dt = (rearrange(t, "b l di -> b di l") for t in (z, dt))
-        x = F.silu(F.conv1d(F.pad(x, (self.cfg.d_conv - 1, 0)), self.conv1d.weight, self.conv1d.bias, groups=x.shape[1]))
+        x = F.pad(x, (self.cfg.d_conv - 1, 0))  # causal: the first output sees only the first input
+        x = F.silu(F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=x.shape[1]))  # (b, di, l)
         y = kernels.scan(x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
                          delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, di, l)
         return rearrange(y, "b di l -> b l di")
