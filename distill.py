@@ -45,7 +45,7 @@ PRESETS = {
                 teacher_wd=1.0, teacher_steps=1500, eval_every=50, lr=2e-3, distill_steps=300, distill_lr=1e-3,
                 ft_steps=100, draft_steps=2000, generations=4096, ablate_steps=100, eval_windows=236),
     "smollm2": dict(block_size=512, batch_size=16, eval_every=100, distill_steps=1200, later_steps=300,
-                    distill_lr=1e-3, ft_steps=100, draft_steps=1500, generations=1024, ablate_steps=200,
+                    distill_lr=1e-3, ft_steps=100, draft_steps=1500, generations=8192, ablate_steps=200,
                     eval_windows=128, attn_fractions="0.5,0.25", targets="mix", align_steps=300),
 }
 SUFFIX = {"mamba1": "", "mamba2": "_m2"}  # of a hybrid's checkpoint name, per mixer

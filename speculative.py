@@ -288,12 +288,11 @@ def measure_context(model, batch, context, steps, dev, graphs):
         prefill = "-"
         if batch == 1:
             idx = torch.randint(0, model.cfg.vocab_size, (1, context), device=dev)
-            model(idx, caches=model.new_caches(1, context))  # warm-up: compilation, attention's per-shape setup
             runs = []
-            for _ in range(3):  # the median of three, each into fresh caches
+            for _ in range(10):  # three warm-ups (compilation, per-shape setup), then the median of seven
                 caches = model.new_caches(1, context)
                 runs.append(timed(lambda: model(idx, caches=caches), dev)[1])
-            prefill = f"{sorted(runs)[1] * 1000:.1f}"
+            prefill = f"{sorted(runs[3:])[3] * 1000:.1f}"
         return f"{batch * steps / dt:,.0f} | {cache_mib:.2f} | {prefill}"
     except torch.cuda.OutOfMemoryError:
         return "out of memory | - | -"
