@@ -371,6 +371,9 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).type_as(x)
 
 
+FOLD = 16  # a forward of up to this many tokens past the prefill attends as one-token decoding does
+
+
 class Caches(list):
     """The static caches of one model's layers (a list, one per layer, allocated once) and the length
     they all share. `pos`, on the device, is what the kernels read, so that a decode step, or a whole
@@ -384,7 +387,7 @@ class Caches(list):
         cfg, k = model.cfg, model.cfg.d_conv - 1
         mamba = [i for i in range(cfg.n_layer) if i not in cfg.attn_layers]
         self.len, self.last, self.pos = 0, 0, torch.zeros((), dtype=torch.long, device=device)
-        self.max_len, self.draft_len, self.where = max_len, draft_len, None
+        self.max_len, self.draft_len, self.where, self.heads = max_len, draft_len, None, cfg.n_head
         self.room = 16 * math.ceil(max_len / 16)  # positions allocated: aligned rows for the attention kernel
         self.steps = torch.arange(self.room, device=device)
         self.cos, self.sin = rope_tables(model.inv_freq.to(device), self.steps, dtype) if cfg.attn_layers else \
@@ -406,15 +409,18 @@ class Caches(list):
     def begin(self, length):
         """Before a forward appends `length` positions: check the room, and (past the prefill) set
         `where`, the new tokens' positions (l,) and the additive attention mask over the cache
-        (l, t), -inf where a query must not look, shared by every attention layer and head. Returns
-        the new positions' RoPE tables, read from the caches' own (None without attention layers)."""
+        (l, t), -inf where a query must not look, shared by every attention layer and head. A few
+        tokens (2 to FOLD: a verification) get it per head and query, (1, h l, 1, t): they attend as
+        one-token decoding does (Attention.forward). SDPA's fused kernels take 2-D and 4-D masks only.
+        Returns the new positions' RoPE tables, read from the caches' own (None without attention)."""
         if self.len is not None and self.len + length > self.max_len:
             raise ValueError(f"the caches hold {self.max_len} positions, asked for {self.len + length}")
         idx = self.pos + self.steps[:length]  # positions of the new tokens
         self.where = None
         if self.len != 0:
             future = self.steps > idx[:, None]  # query i sees keys up to its own position
-            self.where = idx, torch.where(future, self.blocked, 0.0)
+            mask = torch.where(future, self.blocked, 0.0)
+            self.where = idx, mask if length == 1 or length > FOLD else mask.repeat(self.heads, 1)[None, :, None]
         return (self.cos[idx], self.sin[idx]) if self.cos is not None else None
 
     def advance(self, length):  # `length` positions were appended
@@ -471,13 +477,17 @@ class Attention(nn.Module):
         k = apply_rope(rearrange(self.k_proj(x), "b l (g e) -> b l g e", e=e), *rope)
         v = rearrange(self.v_proj(x), "b l (g e) -> b l g e", e=e)
         q, k, v = (rearrange(t, "b l h e -> b h l e") for t in (q, k, v))  # views: SDPA takes any strides
-        mask = None
+        mask, l = None, q.shape[2]
         if cache is not None:
-            k, v, mask = cache.append(k, v)  # (b, g, t, e); mask (l, t) past the prefill
-        # training, prefill: causal; decoding: the mask over the cache. The n_head / n_kv_head query heads
-        # of a KV head read it in place (enable_gqa), never a repeated copy: one cuDNN kernel on the H200
+            k, v, mask = cache.append(k, v)  # (b, g, t, e); the mask past the prefill (Caches.begin)
+        fold = mask is not None and mask.dim() == 4  # a few queries: each its own head, as one-token decoding,
+        # whose kernel splits the cache; for 5 queries SDPA picks one that does not, 7x slower (H200)
+        q = rearrange(q, "b h l e -> b (h l) 1 e") if fold else q
+        # training, prefill: causal; decoding: the mask over the cache. The query heads of a KV head read
+        # it in place (enable_gqa: its n_head / n_kv_head heads, times l folded), never a repeated copy
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.o_proj(rearrange(y, "b h l e -> b l (h e)"))
+        return self.o_proj(rearrange(y, "b (h l) 1 e -> b l (h e)", l=l) if fold else
+                           rearrange(y, "b h l e -> b l (h e)"))
 
 
 class MLP(nn.Module):  # SwiGLU
