@@ -167,12 +167,20 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
 # The benchmark
 
 
-def step_time(model, device, graphs, context=64, steps=50):
-    """Seconds per one-token decode step (CUDA graph on GPU)."""
-    caches = model.new_caches(1, context + steps + 8)
+@torch.no_grad()
+def step_time(model, device, graphs, tokens=1, context=64, steps=50):
+    """Seconds per one-token decode step (CUDA graph on GPU); with tokens = K+1, per verification of
+    K+1 tokens and its rollback to one accepted. Either way the caches advance one position a call."""
+    caches = model.new_caches(1, context + steps + tokens + 8, draft_len=tokens - 1)
     model(torch.zeros(1, context, dtype=torch.long, device=device), caches=caches)
-    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-    step = mil.graphed(lambda: model(tok, caches=caches), [caches], [], graphs)
+    tok, one = torch.zeros(1, tokens, dtype=torch.long, device=device), torch.ones((), dtype=torch.long, device=device)
+
+    def call():
+        model(tok, caches=caches)
+        if tokens > 1:
+            caches.accept(one)
+
+    step = mil.graphed(call, [caches], [], graphs)
     step()
     _, dt = timed(lambda: [step() for _ in range(steps)], device)
     return dt / steps
@@ -193,10 +201,11 @@ def benchmark(cfg, data, draft):
     ks, temps = cfg["ks"], cfg["temps"]
     n_new = cfg["max_new_tokens"]
     rows = ["| model | decoding | K | plain tokens/s | speculative tokens/s | acceptance a | tokens / verification "
-            "| draft cost c | predicted speedup | measured speedup |", "|" + " --- |" * 10]
+            "| draft cost c | verification cost v | predicted speedup | measured speedup |", "|" + " --- |" * 11]
     for name in cfg["models"].split(","):
         target = load(cfg, name)
-        c = step_time(draft, dev, graphs) / step_time(target, dev, graphs)
+        step = step_time(target, dev, graphs)  # draft steps and verifications, in the target's decode steps:
+        c, v = step_time(draft, dev, graphs) / step, {k: step_time(target, dev, graphs, k + 1) / step for k in ks}
         for temp in temps:
             gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
             plain_time, plain_out = 0.0, []
@@ -214,10 +223,10 @@ def benchmark(cfg, data, draft):
                         diverged.append(first_divergence(target, out, plain_out[i], w.shape[0]))
                 a = stats["accepted"] / max(1, stats["tested"])
                 per_verify = len(windows) * n_new / stats["rounds"]
-                predicted = (1 - a ** (k + 1)) / (1 - a) / (k * c + 1) if a < 1 else (k + 1) / (k * c + 1)
+                predicted = ((1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1) / (k * c + v[k])  # tokens / round
                 spec_tps = len(windows) * n_new / stats["seconds"]
                 rows.append(f"| {name} | {'greedy' if temp == 0 else f'T={temp:g}'} | {k} | {plain_tps:.0f} | "
-                            f"{spec_tps:.0f} | {a:.2f} | {per_verify:.2f} | {c:.2f} | {predicted:.2f}x | "
+                            f"{spec_tps:.0f} | {a:.2f} | {per_verify:.2f} | {c:.2f} | {v[k]:.2f} | {predicted:.2f}x | "
                             f"{spec_tps / plain_tps:.2f}x |")
                 for d in diverged:
                     print(f"  {name} K={k}: greedy output diverged from plain decoding at {d}")
