@@ -33,7 +33,9 @@ BACKEND = "auto"  # auto: Triton on CUDA tensors (or on CPU under TRITON_INTERPR
 CHUNK = 32  # time steps per chunk: the forward saves the state at chunk starts for the backward
 SSD_CHUNK = 64  # Mamba-2's chunked scans (ssd_chunked, the Triton SSD): time steps per chunk
 TILE = 8  # time steps the scan kernels load at once: 16 bytes of bf16 per channel
-FWD, BWD = (512, 1), (128, 1)  # the scan kernels' launch shapes, (states per warp, warps), chosen by `python kernels.py --sweep`
+FWD = {16: (256, 1), 64: (512, 2)}  # the forward's launch shapes by d_state, (states per warp, warps), and ...
+BWD = (128, 1)  # ... the backward's, for every d_state: chosen by `python kernels.py --sweep` (H200, 2026-12-03)
+PER_SM = 4  # forward programs per SM below which a program takes fewer channels (down to 8; the sweep sets 0)
 CHANNELS = 16  # channels per program at most ...
 WARPS = 1  # ... and warps per program, for the decode kernels
 PROGRAMS = 256  # ... which take fewer channels per program until they have this many (a step is latency)
@@ -797,12 +799,23 @@ def _decode_blocks(b, di, groups, n):  # BLOCK_D, BLOCK_N of the decode kernels
     return _blocks(di, groups, n, channels)
 
 
-def _scan_blocks(di, groups, n, shape):
-    """The scan kernels' BLOCK_D, BLOCK_N and warps from a (states per warp, warps) shape: a program
-    holds about that many states per warp, so that d_state 16 gets more channels than d_state 64."""
+def _scan_blocks(di, groups, n, shape, rows=0, sms=0):
+    """The scan kernels' BLOCK_D, BLOCK_N and warps from a (states per warp, warps) shape, or from a
+    dict of them by d_state (the nearest): a program holds about that many states per warp. With rows
+    of programs (batch rows) on sms multiprocessors, the channels halve, down to 8, while the launch
+    would have fewer than PER_SM programs per SM (a walk over time is latency: idle SMs cost the most)."""
+    if isinstance(shape, dict):
+        shape = shape[min(shape, key=lambda k: abs(math.log2(k / n)))]
     states, warps = shape
     block_n = triton.next_power_of_2(n)
-    return _blocks(di, groups, n, channels=max(1, states * warps // block_n))[0], block_n, warps
+    block_d = _blocks(di, groups, n, channels=max(1, states * warps // block_n))[0]
+    while block_d > 8 and rows * di // block_d < PER_SM * sms:
+        block_d, warps = block_d // 2, max(1, warps // 2)
+    return block_d, block_n, warps
+
+
+def _sms(device):  # multiprocessors of a CUDA device; 0 elsewhere (the interpreter)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def _alloc_like(t):  # same strides as t, so that a kernel can index both with t's strides
@@ -845,7 +858,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, bias, h0, softplus, pieces=1, output=True
     (b, di, L), (n, g) = delta.shape, (A.shape[1], C.shape[1])
     same = lambda a, c: a is None or all(i == j for i, j, m in zip(a.stride(), c.stride(), a.shape) if m > 1)
     assert same(u, delta) and same(z, delta) and same(B, C), "u, delta and z must share strides, B and C theirs"
-    block_d, block_n, warps = _scan_blocks(di, g, n, FWD)
+    block_d, block_n, warps = _scan_blocks(di, g, n, FWD, b * pieces, _sms(u.device))
     n_chunks = triton.cdiv(L, CHUNK)
     out = (_alloc_like(u) if out is None else out) if output else None
     y = _alloc_like(u) if save_chunks and z is not None else None  # the output before the gate, for dz
@@ -927,8 +940,8 @@ def _pieces(delta, groups, n):
     if PIECES:
         pieces = PIECES
     elif delta.is_cuda:  # measured (`python kernels.py prefill`): pieces pay only while one walk has fewer programs
-        sms = torch.cuda.get_device_properties(delta.device).multi_processor_count  # than SMs, most at about 8 per SM
-        programs = b * di // _scan_blocks(di, groups, n, FWD)[0]
+        sms = _sms(delta.device)  # than SMs, most at about 8 per SM
+        programs = b * di // _scan_blocks(di, groups, n, FWD, b, sms)[0]
         pieces = 2 ** round(math.log2(8 * sms / programs)) if programs < sms else 1
     else:
         return 1
@@ -1471,12 +1484,12 @@ def benchmark():
 
 
 def sweep(bench):
-    """The scan kernels' launch shapes, (states per warp, warps), timed on S1 and S2; the forward and
-    the backward each keep their best."""
-    global FWD, BWD
-    fwd, bwd = {}, {}
+    """The scan kernels' launch shapes, (states per warp, warps), timed on S1 and S2: the forward keeps
+    the best of each for its d_state (16, 64), the backward the best of their sum."""
+    global FWD, BWD, PER_SM
+    fwd, bwd, per_sm, PER_SM = {}, {}, PER_SM, 0
     print("\n| states / warp | warps | S1 fwd us | S2 fwd us | S1 bwd us | S2 bwd us |\n| --- | --- | --- | --- | --- | --- |")
-    for shape in ((128, 1), (256, 1), (512, 1), (256, 2), (512, 2), (512, 4)):
+    for shape in ((64, 1), (128, 1), (256, 1), (512, 1), (256, 2), (512, 2), (512, 4)):
         FWD = BWD = shape
         cells = []
         for b, di, n, g, L in ((8, 2048, 16, 1, 2048), (8, 2048, 64, 32, 2048)):
@@ -1487,9 +1500,10 @@ def sweep(bench):
             y = selective_scan(**leaves, delta_softplus=True)
             dy = torch.randn_like(y)
             cells += [bench(lambda: selective_scan(**leaves, delta_softplus=True)), bench(lambda: y.backward(dy, retain_graph=True))]
-        fwd[shape], bwd[shape] = cells[0] + cells[2], cells[1] + cells[3]
+        fwd[shape], bwd[shape] = (cells[0], cells[2]), cells[1] + cells[3]
         print(f"| {shape[0]} | {shape[1]} | " + " | ".join(f"{cells[i] * 1e6:.0f}" for i in (0, 2, 1, 3)) + " |", flush=True)
-    FWD, BWD = min(fwd, key=fwd.get), min(bwd, key=bwd.get)
+    FWD = {16: min(fwd, key=lambda s: fwd[s][0]), 64: min(fwd, key=lambda s: fwd[s][1])}
+    BWD, PER_SM = min(bwd, key=bwd.get), per_sm
     print(f"the table below uses FWD = {FWD}, BWD = {BWD} (states per warp, warps)")
 
 
