@@ -258,7 +258,7 @@ def _softplus(x):  # log(1 + e^x), linear past 20 as in PyTorch
 
 @triton.jit
 def _col(x, k: tl.constexpr, idx):  # column k of a [rows, TILE] tile: a register pick where time sits in one
-    # thread (the forward's 32-channel tiles), a few shuffles where it spans lanes (the backward's 8 channels)
+    # thread, else a few shuffles: the scan kernels' 8- and 16-channel tiles spread time over 2-4 lanes
     return tl.sum(tl.where(idx[None, :] == k, x, -0.0), axis=1)
 
 
