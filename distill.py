@@ -77,6 +77,8 @@ DEFAULTS = dict(
     later_steps=0,  # stage 1 of each later stepwise student, which starts from the one before (0: distill_steps)
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
     draft_layers=1,  # the speculative-decoding draft's layers, from the teacher's (0: no draft; smollm2 preset: 2)
+    draft_teacher="teacher",  # whose distributions the draft learns: teacher | a hybrid of this run (attn50: the
+    # target it drafts for) | both, comma-separated; checkpoint draft.pt, draft_attn50.pt (speculative.py --draft=)
     ablate=False,
     bench="",  # train: time a stage-1 step of the 50% hybrid with each scan backend that runs here, and exit
 )
@@ -412,15 +414,15 @@ def finetune_stage(cfg, data, teacher, student, name, pool=None):
     return model
 
 
-def draft_stage(cfg, data, teacher, pool):
-    """The speculative-decoding draft, shared by every hybrid: a `draft_layers`-layer Transformer made
-    of the teacher's layers, first and last kept ("shrink and fine-tune", the paper's Table 5), trained
-    with KL to the teacher. At batch 1 a step costs about its number of kernels, so fewer layers is a
-    cheaper draft. It trains on the teacher's own generations: text like what the hybrids decode,
-    where the draft must agree with them."""
+def draft_stage(cfg, data, teacher, pool, target=None, name="draft"):
+    """The speculative-decoding draft: a `draft_layers`-layer Transformer made of the teacher's layers,
+    first and last kept ("shrink and fine-tune", the paper's Table 5), trained with KL to `target`: the
+    teacher (one draft for every hybrid), or a hybrid (--draft_teacher: the model it will draft for).
+    At batch 1 a step costs about its number of kernels, so fewer layers is a cheaper draft. It trains
+    on the teacher's own generations: text like what the hybrids decode, where the draft must agree."""
     n, m = teacher.cfg.n_layer, cfg["draft_layers"]
     draft_cfg = replace(teacher.cfg, n_layer=m, attn_layers=None, dropout=0.0)
-    if done := finished(cfg, data, "draft", draft_cfg):
+    if done := finished(cfg, data, name, draft_cfg):
         return done
     draft = mil.Model(draft_cfg).to(data.device)
     sd = {k: v for k, v in teacher.state_dict().items() if not k.startswith("layers.")}
@@ -428,8 +430,9 @@ def draft_stage(cfg, data, teacher, pool):
         sd.update({k.replace(f"layers.{src}.", f"layers.{i}.", 1): v for k, v in teacher.state_dict().items()
                    if k.startswith(f"layers.{src}.")})
     draft.load_state_dict(sd)
-    train("draft", draft, cfg, data, cfg["draft_steps"], cfg["distill_lr"],
-          distill_loss(draft, teacher, data, cfg, pool, alpha=0.0, beta=1.0), trainable(draft, "all"))
+    target = (teacher if target is None else target).eval()
+    train(name, draft, cfg, data, cfg["draft_steps"], cfg["distill_lr"],
+          distill_loss(draft, target, data, cfg, pool, alpha=0.0, beta=1.0), trainable(draft, "all"))
     return draft
 
 
@@ -638,6 +641,12 @@ def check(cfg, n_layer):
     need(cfg, "attn_fractions", fractions and all(0 < f < 1 and 1 / f <= n_layer for f in fractions)
          and all(a > b for a, b in zip(fractions, fractions[1:])), takes)
     need(cfg, "draft_layers", cfg["draft_layers"] <= n_layer, f"takes 0 (no draft) to {n_layer}, the teacher's layers")
+    hybrids = [f"attn{round(f * 100)}{SUFFIX[m]}{ft}" for m in cfg["mixers"] for f in fractions
+               for ft in ("", "_ft")[:1 + cfg["finetune"]]]
+    cfg["draft_teachers"] = cfg["draft_teacher"].split(",")
+    need(cfg, "draft_teacher", set(cfg["draft_teachers"]) <= {"teacher", *hybrids} and
+         len(set(cfg["draft_teachers"])) == len(cfg["draft_teachers"]),
+         f"takes teacher or hybrids this run makes ({', '.join(hybrids)}), comma-separated")
     return fractions
 
 
@@ -738,8 +747,9 @@ def main(argv=None):
             students.append((name, prev))
             if cfg["finetune"]:
                 students.append((name + "_ft", finetune_stage(cfg, data, teacher, prev, name + "_ft", pool)))
-    if cfg["draft_layers"]:
-        students.append(("draft", draft_stage(cfg, data, teacher, generations)))
+    for target in cfg["draft_teachers"] if cfg["draft_layers"] else ():
+        name = "draft" + ("" if target == "teacher" else "_" + target)
+        students.append((name, draft_stage(cfg, data, teacher, generations, dict(students).get(target), name)))
     end_data_parallel()
     if RANK > 0:  # rank 0 evaluates
         return
@@ -757,7 +767,7 @@ def main(argv=None):
     print(table)
     if cfg["ablate"]:
         print(f"ablations, {cfg['ablate_steps']} steps each")
-        table = ablations(cfg, data, teacher, [s for s in students if s[0] != "draft"], generations)
+        table = ablations(cfg, data, teacher, [s for s in students if not s[0].startswith("draft")], generations)
         print(table)
         mil.atomic_write(lambda f: f.write(table.encode() + b"\n"), os.path.join(cfg["out_dir"], "ablations.md"))
     print(f"total {time.time() - t_start:.0f}s")

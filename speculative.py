@@ -35,6 +35,7 @@ DEFAULTS = dict(
     mixer="mamba1",  # the hybrids' Mamba layers: mamba1 | mamba2 (distill.py --mixer=mamba2's attn50_m2, ...)
     out_dir="",  # default: distill.py's for the same --teacher and --preset
     models="attn50,attn25",  # the targets to benchmark
+    draft="draft",  # the draft's checkpoint: draft | draft_attn50 (distill.py --draft_teacher=attn50)
     k="2,3,4,6",  # draft lengths
     temperature="0,1",  # 0: greedy (output identical to the target's); > 0: exact rejection sampling
     top_k=0,
@@ -168,10 +169,12 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
 
 
 @torch.no_grad()
-def step_time(model, device, graphs, tokens=1, context=64, steps=50):
+def step_time(model, device, graphs, tokens=1, context=64, max_len=0, steps=50):
     """Seconds per one-token decode step (CUDA graph on GPU); with tokens = K+1, per verification of
-    K+1 tokens and its rollback to one accepted. Either way the caches advance one position a call."""
-    caches = model.new_caches(1, context + steps + tokens + 8, draft_len=tokens - 1)
+    K+1 tokens and its rollback to one accepted. Either way the caches advance one position a call,
+    from `context`; they hold max_len positions (at least what the steps need), as attention reads
+    every position a cache holds (masked), so that its cost is the decoding's it stands for."""
+    caches = model.new_caches(1, max(max_len, context + steps + tokens + 8), draft_len=tokens - 1)
     model(torch.zeros(1, context, dtype=torch.long, device=device), caches=caches)
     tok, one = torch.zeros(1, tokens, dtype=torch.long, device=device), torch.ones((), dtype=torch.long, device=device)
 
@@ -202,10 +205,12 @@ def benchmark(cfg, data, draft):
     n_new = cfg["max_new_tokens"]
     rows = ["| model | decoding | K | plain tokens/s | speculative tokens/s | acceptance a | tokens / verification "
             "| draft cost c | verification cost v | predicted speedup | measured speedup |", "|" + " --- |" * 11]
-    for name in cfg["models"].split(","):
+    l, mid = cfg["prompt_tokens"], cfg["prompt_tokens"] + n_new // 2  # timed at the decoding's mean context,
+    for name in cfg["models"].split(","):  # with caches of the size each decoding allocates
         target = load(cfg, name)
-        step = step_time(target, dev, graphs)  # draft steps and verifications, in the target's decode steps:
-        c, v = step_time(draft, dev, graphs) / step, {k: step_time(target, dev, graphs, k + 1) / step for k in ks}
+        step = step_time(target, dev, graphs, context=mid, max_len=l + n_new)  # in the target's decode steps:
+        c = {k: step_time(draft, dev, graphs, context=mid, max_len=l + n_new + k) / step for k in ks}
+        v = {k: step_time(target, dev, graphs, k + 1, context=mid, max_len=l + n_new + k) / step for k in ks}
         for temp in temps:
             gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
             plain_time, plain_out = 0.0, []
@@ -223,10 +228,10 @@ def benchmark(cfg, data, draft):
                         diverged.append(first_divergence(target, out, plain_out[i], w.shape[0]))
                 a = stats["accepted"] / max(1, stats["tested"])
                 per_verify = len(windows) * n_new / stats["rounds"]
-                predicted = ((1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1) / (k * c + v[k])  # tokens / round
+                predicted = ((1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1) / (k * c[k] + v[k])  # tokens / round
                 spec_tps = len(windows) * n_new / stats["seconds"]
                 rows.append(f"| {name} | {'greedy' if temp == 0 else f'T={temp:g}'} | {k} | {plain_tps:.0f} | "
-                            f"{spec_tps:.0f} | {a:.2f} | {per_verify:.2f} | {c:.2f} | {v[k]:.2f} | {predicted:.2f}x | "
+                            f"{spec_tps:.0f} | {a:.2f} | {per_verify:.2f} | {c[k]:.2f} | {v[k]:.2f} | {predicted:.2f}x | "
                             f"{spec_tps / plain_tps:.2f}x |")
                 for d in diverged:
                     print(f"  {name} K={k}: greedy output diverged from plain decoding at {d}")
@@ -327,10 +332,10 @@ def resolve(argv):
     need("mixer", cfg["mixer"] in distill.SUFFIX, "takes mamba1 or mamba2")
     cfg["models"] = ",".join(name + distill.SUFFIX[cfg["mixer"]] for name in cfg["models"].split(","))
     if cfg["bench"] == "speculative":
-        for name in cfg["models"].split(",") + ["draft"]:
+        for key, name in [("models", m) for m in cfg["models"].split(",")] + [("draft", cfg["draft"])]:
             path = os.path.join(cfg["out_dir"], name + ".pt")
-            need("models", os.path.exists(path), f"{path} is missing: `python distill.py` with the same --teacher, "
-                                                 f"--preset and --mixer makes the models and the draft")
+            need(key, os.path.exists(path), f"{path} is missing: `python distill.py` with the same --teacher, --preset "
+                                            f"and --mixer makes the models and the draft (draft_attn50: --draft_teacher=attn50)")
     cfg["ks"], cfg["temps"] = ks, temps
     cfg["max_new_tokens"] = cfg["max_new_tokens"] or (128 if cfg["device"] == "cuda" else 24)
     return cfg
@@ -342,7 +347,7 @@ def main(argv=None):
     dev = torch.device(cfg["device"])
     if cfg["bench"] == "context":
         return context_benchmark(cfg)
-    draft = load(cfg, "draft")
+    draft = load(cfg, cfg["draft"])
     tok = mil.Tokenizer() if cfg["teacher"] == "toy" else distill.load_teacher(cfg, "cpu")[1]
     data = distill.Data(dev, draft.cfg.block_size, tok)
     if cfg["prompt"]:

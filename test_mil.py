@@ -769,6 +769,7 @@ BAD_OPTIONS = [  # (argv, what the one-line message must say)
     (["--dropout=1.5"], "--dropout=1.5: takes a rate in [0, 1)"),
     (["--teacher_wd=-1"], "--teacher_wd=-1.0: takes 0 or more"),
     (["--draft_layers=99"], "--draft_layers=99: takes 0 (no draft) to 8"),
+    (["--draft_teacher=attn7"], "--draft_teacher=attn7: takes teacher or hybrids this run makes"),
     (["--targets=web"], "--targets=web: takes corpus, teacher or mix"),
     (["--scan=cuda"], "--scan=cuda: scan backend must be auto, triton, ref or mamba_ssm"),
     (["--bench=infer"], "--bench=infer: takes train"),
@@ -1133,12 +1134,13 @@ def test_pipeline_ablations_and_benchmarks_smoke(tmp_path, capsys):
     """The whole of `python distill.py --ablate && python speculative.py`, the context benchmark and
     `python distill.py --bench=train`, at toy sizes: every stage runs and every table is printed."""
     out = f"--out_dir={tmp_path}"  # and --scan=ref everywhere: the interpreter would take minutes here
-    distill.main(TINY + [out, "--ablate", "--ablate_steps=2"])
-    for name in ("teacher", "attn50", "attn50_ft", "draft", "results.md", "ablations.md"):
+    distill.main(TINY + [out, "--ablate", "--ablate_steps=2", "--draft_teacher=teacher,attn50"])
+    for name in ("teacher", "attn50", "attn50_ft", "draft", "draft_attn50", "results.md", "ablations.md"):
         assert any(p.name.startswith(name) for p in tmp_path.iterdir()), name
     assert not any(p.name.endswith(".resume.pt") for p in tmp_path.iterdir())
     spec = [out, "--preset=cpu", "--scan=ref", "--models=attn50"]
     speculative.main(spec + ["--prompts=2", "--k=2", "--prompt_tokens=8", "--max_new_tokens=6"])
+    speculative.main(spec + ["--prompts=1", "--k=2", "--prompt_tokens=8", "--max_new_tokens=6", "--draft=draft_attn50"])
     speculative.main(spec + ["--prompt=HAMLET. To be", "--max_new_tokens=6"])
     with pytest.raises(SystemExit, match="the context"):
         speculative.main(spec + ["--prompt=" + "word " * 40])
