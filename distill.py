@@ -49,6 +49,7 @@ PRESETS = {
                     ablate_steps=200, eval_windows=128, attn_fractions="0.5,0.25", targets="mix", align_steps=300),
 }
 SUFFIX = {"mamba1": "", "mamba2": "_m2"}  # of a hybrid's checkpoint name, per mixer
+hybrid_name = lambda frac, mixer: f"attn{round(frac * 100)}{SUFFIX[mixer]}"  # 0.5, mamba2 -> attn50_m2
 ARCH = ("n_layer", "d_model", "n_head", "n_kv_head")  # the toy teacher's; a pretrained one brings its own
 DEFAULTS = dict(
     teacher="toy",  # toy (stage 0 trains it here) | smollm2 | a .gguf file | a Hugging Face Llama directory
@@ -641,7 +642,7 @@ def check(cfg, n_layer):
     need(cfg, "attn_fractions", fractions and all(0 < f < 1 and 1 / f <= n_layer for f in fractions)
          and all(a > b for a, b in zip(fractions, fractions[1:])), takes)
     need(cfg, "draft_layers", cfg["draft_layers"] <= n_layer, f"takes 0 (no draft) to {n_layer}, the teacher's layers")
-    hybrids = [f"attn{round(f * 100)}{SUFFIX[m]}{ft}" for m in cfg["mixers"] for f in fractions
+    hybrids = [hybrid_name(f, m) + ft for m in cfg["mixers"] for f in fractions
                for ft in ("", "_ft")[:1 + cfg["finetune"]]]
     cfg["draft_teachers"] = cfg["draft_teacher"].split(",")
     need(cfg, "draft_teacher", set(cfg["draft_teachers"]) <= {"teacher", *hybrids} and
@@ -741,7 +742,7 @@ def main(argv=None):
     for mixer in cfg["mixers"]:  # both variants: one table, the same budget
         prev = None
         for frac in fractions:
-            name = f"attn{round(frac * 100)}{SUFFIX[mixer]}"
+            name = hybrid_name(frac, mixer)
             prev = student_stage(cfg, data, teacher, name, mil.kept_attention(teacher.cfg.n_layer, frac), prev,
                                  pool=pool, mixer=mixer, steps=cfg["later_steps"] if prev else None)
             students.append((name, prev))
