@@ -8,10 +8,10 @@ Layouts are mamba_ssm's `selective_scan_fn` / `selective_state_update`, so eithe
   u, delta, z (b, di, l); A (di, n); B, C (b, g, n, l), channel d uses group d // (di // g);
   D, delta_bias (di,); states (b, di, n) in float32.
 A Mamba layer's decoding is fused further: `mamba_step` and `mamba_verify` start from its one input
-projection and do the conv too. Each fast function has a `_ref` twin with the same signature; `scan`,
-`step`, `verify` and `add_norm` pick one through BACKEND (auto | triton | ref | mamba_ssm: the official
-kernels, imported when installed) and say once which path runs. `python kernels.py` benchmarks them,
-side by side with mamba_ssm's when it imports.
+projection and do the conv too. Each fast function has a `_ref` twin with the same signature (argmax's
+is torch.argmax); `scan`, `step`, `verify`, `add_norm` and `argmax` pick one through BACKEND (auto |
+triton | ref | mamba_ssm: the official kernels, imported when installed) and say once which path runs.
+`python kernels.py` benchmarks them, side by side with mamba_ssm's when it imports.
 """
 import math
 import os
@@ -40,6 +40,7 @@ CHANNELS = 16  # channels per program at most ...
 WARPS = 1  # ... and warps per program, for the decode kernels
 PROGRAMS = 256  # ... which take fewer channels per program until they have this many (a step is latency)
 PIECES = 0  # long prompts at small batch: pieces of time run in parallel (0: as many as fill the GPU)
+ARGMAX_BLOCK = 16384  # elements of a row the argmax kernel reads at once (SmolLM2's 49152: three)
 POISON = False  # tests set it: outputs start as NaN, so an element a kernel forgets to write fails
 
 # -----------------------------------------------------------------------------------------------
@@ -634,6 +635,20 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, D, eps, BLOCK: tl.co
     tl.store(y_ptr + row * D + i, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _argmax_kernel(x_ptr, out_ptr, V, s_row, BLOCK: tl.constexpr):
+    """One row of x: the index of its largest element, the first on ties (as torch.argmax). Each lane
+    keeps its own running best over the row's blocks (strictly greater: its first), then the lanes agree."""
+    row, i = tl.program_id(0).to(tl.int64), tl.arange(0, BLOCK)
+    best, where = tl.full([BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, V, BLOCK):
+        v = tl.load(x_ptr + row * s_row + start + i, mask=start + i < V, other=float("-inf")).to(tl.float32)
+        better = v > best
+        best, where = tl.where(better, v, best), tl.where(better, start + i, where)
+    top = tl.max(best, axis=0)
+    tl.store(out_ptr + row, tl.min(tl.where(best == top, where, V), axis=0).to(tl.int64))
+
+
 # -----------------------------------------------------------------------------------------------
 # Python wrappers: shapes checked, optional inputs as constexpr flags; the scan kernels take contiguous
 # tensors, the decode kernels any strides (passed explicitly)
@@ -1048,6 +1063,18 @@ def add_rms_norm(x, r, weight, eps):
     return s, y
 
 
+def argmax_rows(x):
+    """Triton argmax over the last dim (..., v) -> (...,) int64, one program per row: a decode step's
+    few rows of logits, where torch's reduction costs several times the read (`python kernels.py`)."""
+    assert x.stride(-1) == 1 and x.dtype.is_floating_point, "rows of floats, contiguous within each"
+    rows = x.reshape(-1, x.shape[-1])  # a view for the slices decoding takes (logits[:, -1])
+    out = torch.empty(rows.shape[0], dtype=torch.long, device=x.device)
+    block = min(ARGMAX_BLOCK, triton.next_power_of_2(x.shape[-1]))
+    _argmax_kernel[(rows.shape[0],)](rows, out, x.shape[-1], rows.stride(0), BLOCK=block,
+                                     num_warps=max(1, min(16, block // 1024)))
+    return out.view(x.shape[:-1])
+
+
 # -----------------------------------------------------------------------------------------------
 # Dispatch: one switch, and one line saying which path runs
 
@@ -1301,6 +1328,10 @@ def add_norm(x, r, norm):  # norm: an nn.RMSNorm
     return (add_rms_norm if use_triton(x.device) else add_rms_norm_ref)(x, r, norm.weight, norm.eps)
 
 
+def argmax(x):  # x (..., v) -> (...,): greedy decoding's token, torch.argmax(x, -1) where Triton cannot run
+    return argmax_rows(x) if use_triton(x.device) else x.argmax(-1)
+
+
 # -----------------------------------------------------------------------------------------------
 # `python kernels.py`: the benchmark
 
@@ -1340,7 +1371,7 @@ def benchmark():
     if not cuda:
         print("no GPU: a small smoke run through the Triton interpreter; numbers on a CPU mean little")
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, triton {triton.__version__}")
-    sections = [a for a in sys.argv[1:] if not a.startswith("--")] or ["scan", "decode", "prefill", "ssd"]
+    sections = [a for a in sys.argv[1:] if not a.startswith("--")] or ["scan", "decode", "argmax", "prefill", "ssd"]
     official_step, official_scan_ok = None, False
     try:  # the Triton decode step needs only mamba_ssm's sources; the scan, its built selective_scan_cuda
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update as official_step
@@ -1435,8 +1466,22 @@ def benchmark():
             t_naive = graph_bench(five_steps)
             print(f"| verify K+1=5 (vs 5 state-saving steps: {t_naive * 1e6:.1f} us) | {b} | {n} ({heads}) | "
                   f"{t_fused * 1e6:.1f} | - | {t_naive / t_fused:.1f}x faster than the steps |")
+    # greedy decoding's argmax over a vocabulary (SmolLM2's, the toy's): a step's row, a verification's K+1
+    global ARGMAX_BLOCK, PIECES
+    blocks, default = (4096, 8192, 16384, 32768), ARGMAX_BLOCK
+    print("\n| argmax, CUDA graph | rows, vocabulary | torch us | " + " | ".join(f"mil block {k} us" for k in blocks) +
+          f" | mil / torch (block {default}) |\n|" + " --- |" * (4 + len(blocks)))
+    for rows, v in ((1, 49152), (7, 49152), (64, 49152), (1, 4096), (7, 4096)) if cuda else ((2, 1000),):
+        if "argmax" not in sections:
+            break
+        logits = torch.randn(rows, v, device=dev).bfloat16()
+        t = {"torch": graph_bench(lambda: logits.argmax(-1))}
+        for ARGMAX_BLOCK in blocks:
+            t[ARGMAX_BLOCK] = graph_bench(lambda: argmax_rows(logits))
+        ARGMAX_BLOCK = default
+        print(f"| | {rows}, {v} | {us(t['torch'])} | " + " | ".join(us(t[k]) for k in blocks) +
+              f" | {ratio(t[default], t['torch'])} |", flush=True)
     # a long prompt without gradients: time cut into P pieces run in parallel, against one walk (P = 1)
-    global PIECES
     print("\n| prefill, no grad | b, channels, d_state, L | " + " | ".join(f"P={p} us" for p in (1, 2, 4, 8, 16, 32)) +
           " | auto |\n|" + " --- |" * 9)
     prefills = ((1, 384, 64, 6, 2048), (1, 576, 64, 9, 2048), (1, 2048, 16, 1, 8192), (1, 384, 64, 6, 8192),

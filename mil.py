@@ -903,7 +903,7 @@ def probabilities(logits, temperature=1.0, top_k=0):  # logits (..., v) -> probs
 
 def sample(logits, temperature=1.0, top_k=0, generator=None):  # (b, v) -> (b, 1); temperature 0: greedy
     if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
+        return kernels.argmax(logits)[:, None]
     return sample_probs(probabilities(logits, temperature, top_k), generator)
 
 
@@ -911,7 +911,7 @@ def sample_probs(p, generator=None):  # p (b, v) >= 0, not necessarily normalize
     """The exponential race: argmax_i p_i / E_i, with E_i ~ Exp(1), is i with probability p_i / sum(p).
     Unlike torch.multinomial it never waits for the host, so it can sit inside a CUDA graph."""
     race = torch.empty_like(p).exponential_(generator=generator).clamp_(min=1e-30)  # 0 would make p / E nan
-    return (p / race).argmax(-1, keepdim=True)
+    return kernels.argmax(p / race)[:, None]
 
 
 @torch.no_grad()

@@ -97,7 +97,7 @@ def accept_drafts(p, q, drafts, temperature, generator=None):
     (Leviathan et al. 2023): accept draft x with probability min(1, p(x) / q(x)); at the first
     rejection sample from max(0, p - q), normalized; after K accepted, a bonus token from p."""
     if temperature == 0:
-        best = p.argmax(-1)  # (b, K+1)
+        best = kernels.argmax(p)  # (b, K+1)
         n = (drafts == best[:, :-1]).cumprod(-1).sum(-1)
         return n, best.gather(1, n[:, None])[:, 0]
     p_x = p[:, :-1].gather(-1, drafts[..., None])[..., 0]  # (b, K)
@@ -138,7 +138,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens, k, temperature=0
         drafts, qs = [], []
         for i in range(k):
             qs.append(mil.probabilities(logits, temperature, top_k) if temperature > 0 else None)
-            drafts.append(mil.sample_probs(qs[-1], gen) if temperature > 0 else logits.argmax(-1, keepdim=True))
+            drafts.append(mil.sample_probs(qs[-1], gen) if temperature > 0 else mil.sample(logits, 0))
             if i < k - 1:
                 logits = draft(drafts[-1], caches=d_caches)[0][:, -1]
         seq = torch.cat([seq[:, 1:]] + drafts, dim=1)  # (1, K+1): pending, d_1 .. d_K

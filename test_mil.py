@@ -1009,6 +1009,20 @@ def test_add_rms_norm_matches_reference(dtype, monkeypatch):
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_matches_torch(dtype, monkeypatch):
+    """Rows of few distinct values, so that most have ties (the first index wins, as in torch), and of
+    normal noise with -inf entries (top-k masking); a row longer than the kernel's block (its loop),
+    a strided slice of a batch of logits as decoding takes it (logits[:, -1])."""
+    monkeypatch.setattr(kernels, "ARGMAX_BLOCK", 256)
+    ties = torch.randint(0, 5, (3, 4, 1000), device=DEV).to(dtype)
+    noise = torch.randn(2, 3, 700, device=DEV).to(dtype)
+    noise[noise < -1] = -math.inf
+    for x in (ties, noise, noise[:, -1], ties[:1, :, :100]):
+        assert torch.equal(kernels.argmax_rows(x), x.argmax(-1))
+
+
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_triton_decoding_matches_forward_and_plain_greedy(mixer):
     """The model with the Triton kernels (the interpreter on CPU): cached decoding equals the forward,
