@@ -371,7 +371,7 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).type_as(x)
 
 
-FOLD = 16  # a forward of up to this many tokens past the prefill attends as one-token decoding does
+FOLD = 16  # a forward of up to this many tokens past the prefill, at batch 1, attends as one-token decoding does
 
 
 class Caches(list):
@@ -387,7 +387,7 @@ class Caches(list):
         cfg, k = model.cfg, model.cfg.d_conv - 1
         mamba = [i for i in range(cfg.n_layer) if i not in cfg.attn_layers]
         self.len, self.last, self.pos = 0, 0, torch.zeros((), dtype=torch.long, device=device)
-        self.max_len, self.draft_len, self.where, self.heads = max_len, draft_len, None, cfg.n_head
+        self.max_len, self.draft_len, self.where, self.batch = max_len, draft_len, None, batch
         self.room = 16 * math.ceil(max_len / 16)  # positions allocated: aligned rows for the attention kernel
         self.steps = torch.arange(self.room, device=device)
         self.cos, self.sin = rope_tables(model.inv_freq.to(device), self.steps, dtype) if cfg.attn_layers else \
@@ -410,8 +410,8 @@ class Caches(list):
         """Before a forward appends `length` positions: check the room, and (past the prefill) set
         `where`, the new tokens' positions (l,) and the additive attention mask over the cache
         (l, t), -inf where a query must not look, shared by every attention layer and head. A few
-        tokens (2 to FOLD: a verification) get it per head and query, (1, h l, 1, t): they attend as
-        one-token decoding does (Attention.forward). SDPA's fused kernels take 2-D and 4-D masks only.
+        tokens (2 to FOLD: a verification) at batch 1 get it per query as a batch row, (l, 1, 1, t): they
+        attend as one-token decoding does (Attention.forward). SDPA's fused kernels take 2-D and 4-D masks.
         Returns the new positions' RoPE tables, read from the caches' own (None without attention)."""
         if self.len is not None and self.len + length > self.max_len:
             raise ValueError(f"the caches hold {self.max_len} positions, asked for {self.len + length}")
@@ -420,7 +420,7 @@ class Caches(list):
         if self.len != 0:
             future = self.steps > idx[:, None]  # query i sees keys up to its own position
             mask = torch.where(future, self.blocked, 0.0)
-            self.where = idx, mask if length == 1 or length > FOLD else mask.repeat(self.heads, 1)[None, :, None]
+            self.where = idx, mask if length == 1 or length > FOLD or self.batch > 1 else mask[:, None, None]
         return (self.cos[idx], self.sin[idx]) if self.cos is not None else None
 
     def advance(self, length):  # `length` positions were appended
@@ -480,14 +480,15 @@ class Attention(nn.Module):
         mask, l = None, q.shape[2]
         if cache is not None:
             k, v, mask = cache.append(k, v)  # (b, g, t, e); the mask past the prefill (Caches.begin)
-        fold = mask is not None and mask.dim() == 4  # a few queries: each its own head, as one-token decoding,
-        # whose kernel splits the cache; for 5 queries SDPA picks one that does not, 7x slower (H200)
-        q = rearrange(q, "b h l e -> b (h l) 1 e") if fold else q
+        fold = mask is not None and mask.dim() == 4  # a few queries at batch 1: each its own batch row, as
+        # one-token decoding at batch l, whose kernel splits the cache; for 5 queries SDPA picks one that
+        # does not, 7x slower (H200). Views all: q_proj's rows are tokens, and every row reads one cache
+        if fold:
+            q, k, v = rearrange(q, "1 h l e -> l h 1 e"), k.expand(l, -1, -1, -1), v.expand(l, -1, -1, -1)
         # training, prefill: causal; decoding: the mask over the cache. The query heads of a KV head read
-        # it in place (enable_gqa: its n_head / n_kv_head heads, times l folded), never a repeated copy
+        # it in place (enable_gqa: its n_head / n_kv_head heads), never a repeated copy
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.o_proj(rearrange(y, "b (h l) 1 e -> b l (h e)", l=l) if fold else
-                           rearrange(y, "b h l e -> b l (h e)"))
+        return self.o_proj(rearrange(y, "l h 1 e -> 1 l (h e)") if fold else rearrange(y, "b h l e -> b l (h e)"))
 
 
 class MLP(nn.Module):  # SwiGLU

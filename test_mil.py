@@ -669,16 +669,19 @@ def test_smollm2_logits_match_hugging_face_and_cached_decoding(smollm2):
 
 def check_cached_decoding(model, idx):
     """Prefill, a one-token step, a multi-token append, a truncation and re-append (attention
-    only), then the rest (more than mil.FOLD tokens): each equals the full forward's logits."""
+    only), then the rest (more than mil.FOLD tokens): each equals the full forward's logits. At the
+    batch given and at batch 1, where a few tokens attend as batch rows (Attention.forward's fold)."""
     assert idx.shape[1] > 11 + mil.FOLD, "the last append takes the attention path of long appends"
-    full, _ = model(idx)
-    caches = model.new_caches(idx.shape[0], idx.shape[1])
-    parts = [model(idx[:, :5], caches=caches)[0], model(idx[:, 5:6], caches=caches)[0], model(idx[:, 6:11], caches=caches)[0]]
-    if all(isinstance(c, mil.AttnCache) for c in caches):
-        caches.truncate(8)
-        parts[-1] = torch.cat([parts[-1][:, :2], model(idx[:, 8:11], caches=caches)[0]], dim=1)
-    parts.append(model(idx[:, 11:], caches=caches)[0])
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+    for idx in (idx, idx[:1]):
+        full, _ = model(idx)
+        caches = model.new_caches(idx.shape[0], idx.shape[1])
+        parts = [model(idx[:, :5], caches=caches)[0], model(idx[:, 5:6], caches=caches)[0],
+                 model(idx[:, 6:11], caches=caches)[0]]
+        if all(isinstance(c, mil.AttnCache) for c in caches):
+            caches.truncate(8)
+            parts[-1] = torch.cat([parts[-1][:, :2], model(idx[:, 8:11], caches=caches)[0]], dim=1)
+        parts.append(model(idx[:, 11:], caches=caches)[0])
+        torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
 def test_teacher_cached_decoding_matches_forward():
