@@ -161,10 +161,14 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
     decay = cfg["weight_decay"] if weight_decay is None else weight_decay  # the toy teacher's is its own
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=decay)
     gen = torch.Generator().manual_seed(cfg["seed"])
+    trains = {id(p) for p in params}  # a resume checkpoint holds what trains; the frozen rest is rebuilt as it was
+    trained = lambda: {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if id(v) in trains}
     state = dict(step=0, log=[], best_val=math.inf, best_step=0, best_model=None)
     if os.path.exists(path):
         ckpt = torch.load(path, map_location=data.device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
+        if set(ckpt["model"]) != set(trained()):
+            raise SystemExit(f"{path}: holds other weights than this stage trains; delete it to restart the stage")
+        model.load_state_dict(ckpt["model"], strict=False)
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["gen"].cpu())  # the batch sampler draws on the CPU
         state = ckpt["state"]
@@ -173,7 +177,7 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
 
     def checkpoint():
         if RANK == 0:
-            mil.save_checkpoint(path, model=model.state_dict(), optimizer=opt.state_dict(), gen=gen.get_state(), state=state)
+            mil.save_checkpoint(path, model=trained(), optimizer=opt.state_dict(), gen=gen.get_state(), state=state)
 
     # DDP averages the gradients of the parameters that train (frozen ones are not synchronized)
     ddp = DistributedDataParallel(model) if dist.is_initialized() else model
@@ -208,8 +212,8 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
             dt = (time.time() - t0) / ran
             tqdm.write(f"{name} step {step + 1}/{steps}: loss {loss.item():.4f}, {dt * 1000:.0f} ms/step, "
                        f"{cfg['batch_size'] * cfg['block_size'] / dt:,.0f} tokens/s")
-        if (step + 1) % cfg["ckpt_every"] == 0 or ran == cfg["stop_after"]:
-            checkpoint()
+        if step + 1 < steps and ((step + 1) % cfg["ckpt_every"] == 0 or ran == cfg["stop_after"]):
+            checkpoint()  # not after the last step: the finished stage is saved next
         if ran == cfg["stop_after"] and step + 1 < steps:
             if RANK == 0:
                 print(f"{name}: stopped after {ran} steps (--stop_after); rerun to resume")

@@ -1108,6 +1108,26 @@ def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
             torch.testing.assert_close(killed["model"][k], once["model"][k], rtol=1e-5, atol=1e-6)
 
 
+def test_resume_checkpoint_holds_what_trains_and_refuses_another_stages(tmp_path):
+    """A stage's resume checkpoint holds the weights that train (stage 1: the Mamba layers'), not the
+    frozen rest; one written for other trainable weights is refused in one line."""
+    teacher = trained_looking(mil.Model(small_config())).requires_grad_(False)
+    student = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3))
+    tokens = torch.randint(0, 4096, (2, 17))
+    data = SimpleNamespace(device=torch.device("cpu"), batch=lambda b, gen, pool=None: (tokens[:, :-1], tokens[:, 1:]))
+    cfg = dict(distill.DEFAULTS, out_dir=str(tmp_path), batch_size=2, warmup=1, stop_after=2)
+    train = lambda which: distill.train("s", student, cfg, data, 4, 1e-3, distill.distill_loss(student, teacher, data, cfg),
+                                        distill.trainable(student, which), save=False)
+    with pytest.raises(SystemExit) as stop:
+        train("mamba")
+    assert stop.value.code == 0
+    saved = torch.load(tmp_path / "s.resume.pt", weights_only=True)["model"]
+    assert saved and sorted(saved) == sorted(n for n, p in student.named_parameters() if p.requires_grad)
+    assert all(".mixer." in n and int(n.split(".")[1]) in (0, 2) for n in saved)
+    with pytest.raises(SystemExit, match="s.resume.pt: holds other weights than this stage trains"):
+        train("all")
+
+
 def torchrun(argv, processes=2):
     import subprocess
     import sys
