@@ -77,6 +77,7 @@ DEFAULTS = dict(
     align_steps=0,  # before stage 1: each Mamba layer alone to its attention layer's output (not in the paper)
     later_steps=0,  # stage 1 of each later stepwise student, which starts from the one before (0: distill_steps)
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
+    ft_lr=0.0,  # stage 2's peak learning rate (0: a third of distill_lr)
     draft_layers=1,  # the speculative-decoding draft's layers, from the teacher's (0: no draft; smollm2 preset: 2)
     draft_teacher="teacher",  # whose distributions the draft learns: teacher | a hybrid of this run (attn50: the
     # target it drafts for) | both, comma-separated; checkpoint draft.pt, draft_attn50.pt (speculative.py --draft=)
@@ -414,8 +415,8 @@ def finetune_stage(cfg, data, teacher, student, name, pool=None):
         return done
     model = mil.Model(student.cfg).to(data.device)
     model.load_state_dict(student.state_dict())
-    train(name, model, cfg, data, cfg["ft_steps"], cfg["distill_lr"] / 3, distill_loss(model, teacher, data, cfg, pool),
-          trainable(model, "all"))
+    lr = cfg["ft_lr"] or cfg["distill_lr"] / 3
+    train(name, model, cfg, data, cfg["ft_steps"], lr, distill_loss(model, teacher, data, cfg, pool), trainable(model, "all"))
     return model
 
 
@@ -601,7 +602,7 @@ def resolve(argv):
         need(cfg, key, cfg[key] >= 1, "takes a positive integer")
     need(cfg, "batch_size", cfg["batch_size"] % WORLD == 0, f"takes a multiple of the {WORLD} processes (the global batch)")
     for key in ("ft_steps", "warmup", "stop_after", "draft_layers", "align_steps", "later_steps", "weight_decay",
-                "teacher_wd"):
+                "teacher_wd", "ft_lr"):
         need(cfg, key, cfg[key] >= 0, "takes 0 or more")
     for key in ("lr", "distill_lr", "grad_clip", "gate_norm_init"):
         need(cfg, key, cfg[key] > 0, "takes a positive number")

@@ -777,6 +777,7 @@ BAD_OPTIONS = [  # (argv, what the one-line message must say)
     (["--scan=cuda"], "--scan=cuda: scan backend must be auto, triton, ref or mamba_ssm"),
     (["--bench=infer"], "--bench=infer: takes train"),
     (["--align_steps=-1"], "--align_steps=-1: takes 0 or more"),
+    (["--ft_lr=-1"], "--ft_lr=-1.0: takes 0 or more"),
     (["--gate_norm_init=0"], "--gate_norm_init=0.0: takes a positive number"),
     (["--mixer=mamba3"], "--mixer=mamba3: takes mamba1, mamba2 or both"),
     (["--teacher=/no/such/model.gguf"], "--teacher=/no/such/model.gguf: no model at"),
