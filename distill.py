@@ -586,8 +586,9 @@ def resolve(argv):
     cfg["preset"] = preset
     if arch := [k for k in ARCH if teacher != "toy" and any(a.startswith(f"--{k}=") for a in argv)]:
         raise SystemExit(f"--{arch[0]}={cfg[arch[0]]}: a pretrained teacher brings its own architecture")
-    if teacher != "toy" and preset == "cpu" and given("block_size", None) is None:
-        cfg["block_size"] = 128  # room for a chat model's request about a passage, and its reply
+    if teacher != "toy" and preset == "cpu":  # 128 tokens: room for a chat model's request about a passage and its
+        # reply; 4 rows: at 16, SmolLM2's stage 1 passes 24 GiB (the reference scan's (l, b, di, n) tensors), at 4 11 GiB
+        cfg.update({k: v for k, v in dict(block_size=128, batch_size=4).items() if given(k, None) is None})
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg["device"] not in ("cpu", "cuda") or (cfg["device"] == "cuda" and not torch.cuda.is_available()):

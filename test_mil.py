@@ -1205,10 +1205,18 @@ def test_a_block_too_short_for_the_chat_requests_is_refused_before_any_work(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_pretrained_teacher_on_the_cpu_preset_trains_on_4_rows_of_128_tokens_unless_told(tmp_path):
+    write_gguf(tmp_path / "tiny.gguf", tiny_llama(tie=True), {})
+    teacher = [f"--teacher={tmp_path / 'tiny.gguf'}", "--preset=cpu"]
+    assert [distill.resolve(teacher + more)[k] for more in ([], ["--batch_size=8", "--block_size=64"])
+            for k in ("batch_size", "block_size")] == [4, 128, 8, 64]
+    assert distill.resolve(["--preset=cpu"])["batch_size"] == 16  # the toy teacher keeps the preset's
+
+
 def test_pretrained_teacher_pipeline_and_speculative_smoke(tmp_path, capsys):
     """`python distill.py --teacher=PATH` and `python speculative.py --teacher=PATH` on a tiny GGUF chat
     model: no stage 0, the teacher's chat replies among the generations, the chat table, --prompt
-    through the chat template. (SmolLM2 itself takes the same path; on a CPU it takes minutes.)"""
+    through the chat template. (SmolLM2 itself takes the same path; on 2 CPU cores, hours.)"""
     torch.manual_seed(0)
     write_gguf(tmp_path / "tiny.gguf", tiny_llama(tie=True), {"mlp.": Q.Q8_0}, chat_template=CHATML)
     teacher, out = f"--teacher={tmp_path / 'tiny.gguf'}", f"--out_dir={tmp_path / 'run'}"
