@@ -737,6 +737,9 @@ def main(argv=None):
         return bench_train(cfg, data, teacher or mil.Model(mil.Config(**{k: cfg[k] for k in ARCH},
                                                                       block_size=cfg["block_size"])).to(device))
     print(f"preset {cfg['preset']}, teacher {cfg['teacher']}, on {cfg['device']}; checkpoints in {cfg['out_dir']}")
+    if cfg["teacher"] != "toy" and cfg["device"] == "cpu":
+        print("a pretrained teacher on a CPU: each step runs it in full (SmolLM2, 2 cores: 18 s a stage-1 step, "
+              "hours in all; fewer --distill_steps, --ft_steps, --draft_steps, --attn_fractions=0.5 shorten it)")
     if teacher is None:
         teacher = teacher_stage(cfg, data, mil.Config(**{k: cfg[k] for k in ARCH}, block_size=cfg["block_size"],
                                                       dropout=cfg["dropout"]))

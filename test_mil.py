@@ -1239,5 +1239,6 @@ def test_pretrained_teacher_pipeline_and_speculative_smoke(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| attn50_m2 |" in text and "| attn50_m2 | greedy | 2 |" in text  # both variants in one table
     assert "every stage finished before" in text and "| 50% attention |" in text and "| 0% attention |" not in text
+    assert ("a pretrained teacher on a CPU: each step runs it in full" in text) == (not GPU)  # and how to shorten it
     for heading in ("teacher's T=1 text", "| model | What is the capital of France?", "| model | decoding | K", "speculative, K=2"):
         assert heading in text, heading
