@@ -587,7 +587,7 @@ def resolve(argv):
     if arch := [k for k in ARCH if teacher != "toy" and any(a.startswith(f"--{k}=") for a in argv)]:
         raise SystemExit(f"--{arch[0]}={cfg[arch[0]]}: a pretrained teacher brings its own architecture")
     if teacher != "toy" and preset == "cpu":  # 128 tokens: room for a chat model's request about a passage and its
-        # reply; 4 rows: at 16, SmolLM2's stage 1 passes 24 GiB (the reference scan's (l, b, di, n) tensors), at 4 11 GiB
+        # reply; 4 rows: at 16 SmolLM2's stage 1 outgrew 24 GiB (the reference scan's (l, b, di, n) tensors), at 4 13 GB
         cfg.update({k: v for k, v in dict(block_size=128, batch_size=4).items() if given(k, None) is None})
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -739,7 +739,7 @@ def main(argv=None):
     print(f"preset {cfg['preset']}, teacher {cfg['teacher']}, on {cfg['device']}; checkpoints in {cfg['out_dir']}")
     if cfg["teacher"] != "toy" and cfg["device"] == "cpu":
         print("a pretrained teacher on a CPU: each step runs it in full (SmolLM2, 2 cores: 18 s a stage-1 step, "
-              "hours in all; fewer --distill_steps, --ft_steps, --draft_steps, --attn_fractions=0.5 shorten it)")
+              "over an hour in all; fewer --distill_steps, --ft_steps, --draft_steps, --attn_fractions=0.5 shorten it)")
     if teacher is None:
         teacher = teacher_stage(cfg, data, mil.Config(**{k: cfg[k] for k in ARCH}, block_size=cfg["block_size"],
                                                       dropout=cfg["dropout"]))

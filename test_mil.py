@@ -1216,7 +1216,7 @@ def test_a_pretrained_teacher_on_the_cpu_preset_trains_on_4_rows_of_128_tokens_u
 def test_pretrained_teacher_pipeline_and_speculative_smoke(tmp_path, capsys):
     """`python distill.py --teacher=PATH` and `python speculative.py --teacher=PATH` on a tiny GGUF chat
     model: no stage 0, the teacher's chat replies among the generations, the chat table, --prompt
-    through the chat template. (SmolLM2 itself takes the same path; on 2 CPU cores, hours.)"""
+    through the chat template. (SmolLM2 itself takes the same path; on 2 CPU cores, over an hour.)"""
     torch.manual_seed(0)
     write_gguf(tmp_path / "tiny.gguf", tiny_llama(tie=True), {"mlp.": Q.Q8_0}, chat_template=CHATML)
     teacher, out = f"--teacher={tmp_path / 'tiny.gguf'}", f"--out_dir={tmp_path / 'run'}"
