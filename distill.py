@@ -81,6 +81,7 @@ DEFAULTS = dict(
     draft_layers=1,  # the speculative-decoding draft's layers, from the teacher's (0: no draft; smollm2 preset: 2)
     draft_teacher="teacher",  # whose distributions the draft learns: teacher | a hybrid of this run (attn50: the
     # target it drafts for) | both, comma-separated; checkpoint draft.pt, draft_attn50.pt (speculative.py --draft=)
+    graphs=True,  # training steps as CUDA graphs (one process on a GPU, no dropout: the toy teacher trains eagerly)
     ablate=False,
     bench="",  # train: time a stage-1 step of the 50% hybrid with each scan backend that runs here, and exit
 )
@@ -154,10 +155,21 @@ def end_data_parallel():  # before a rank exits: a process group the interpreter
 # One training loop for every stage: AdamW, warmup then cosine, clipping, bf16 on GPU, resumable
 
 
-def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save=True, weight_decay=None):
-    """Trains `params` of `model` for `steps`, resuming from out_dir/name.resume.pt if present, and
-    (with save) writes out_dir/name.pt. loss_fn(model, gen) -> loss. With eval_fn, keeps the
-    best-validation weights. Returns the state: step, loss log, best validation loss and step."""
+class Loss(torch.nn.Module):  # loss_fn(model, x, y) as a module: what make_graphed_callables graphs, with its parameters
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x, y):
+        return self.loss_fn(self.model, x, y)
+
+
+def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save=True, weight_decay=None, pool=None):
+    """Trains `params` of `model` for `steps` on batches of `pool` (Data.batch), resuming from
+    out_dir/name.resume.pt if present, and (with save) writes out_dir/name.pt. loss_fn(model, x, y) ->
+    loss. With eval_fn, keeps the best-validation weights. On one GPU (--graphs, no dropout) the loss's
+    forward and backward replay as CUDA graphs: the step is host-bound without. Returns the state:
+    step, loss log, best validation loss and step."""
     path = os.path.join(cfg["out_dir"], name + ".resume.pt")
     decay = cfg["weight_decay"] if weight_decay is None else weight_decay  # the toy teacher's is its own
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=decay)
@@ -182,10 +194,17 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
 
     # DDP averages the gradients of the parameters that train (frozen ones are not synchronized)
     ddp = DistributedDataParallel(model) if dist.is_initialized() else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if data.device.type == "cuda" else nullcontext()
+    # autocast's weight cache off: CUDA graphs refuse it, and each weight is cast once a step anyway
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if data.device.type == "cuda" \
+        else nullcontext()
+    step_loss = lambda x, y: loss_fn(ddp, x, y)
     warmup, min_lr = min(cfg["warmup"], steps // 10), lr * cfg["min_lr_ratio"]
     model.train()
     bar = tqdm(range(state["step"], steps), desc=name, initial=state["step"], total=steps, leave=False, disable=RANK > 0)
+    if cfg["graphs"] and data.device.type == "cuda" and not dist.is_initialized() and not model.cfg.dropout:
+        sample = data.batch(cfg["batch_size"], torch.Generator().manual_seed(0), pool)  # not the training draw
+        with autocast:  # warm-up passes (Triton compiles there), then capture
+            step_loss = torch.cuda.make_graphed_callables(Loss(model, loss_fn), sample, allow_unused_input=True)
     t0, ran = time.time(), 0
     for step in bar:
         if eval_fn and step % cfg["eval_every"] == 0:
@@ -197,8 +216,9 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
         frac = (step - warmup) / max(1, steps - warmup)
         for g in opt.param_groups:
             g["lr"] = lr * (step + 1) / warmup if step < warmup else min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
+        x, y = mine(*data.batch(cfg["batch_size"], gen, pool))
         with autocast:
-            loss = loss_fn(ddp, gen)
+            loss = step_loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
@@ -222,6 +242,8 @@ def train(name, model, cfg, data, steps, lr, loss_fn, params, eval_fn=None, save
             del ddp  # it holds the process group
             end_data_parallel()
             sys.exit(0)
+    step_loss = None  # a graphed step's memory pool goes with it (its autograd class sits in a cycle: collect)
+    gc.collect()
     if eval_fn:
         val = eval_fn(model)
         if val < state["best_val"]:
@@ -312,13 +334,12 @@ def chat_table(teacher, students, tok):  # greedy replies, teacher and hybrids s
 # The stages
 
 
-def distill_loss(student, teacher, data, cfg, pool=None, alpha=None, beta=None):
+def distill_loss(teacher, cfg, alpha=None, beta=None):
     """Eq. 2, per token: alpha * CE(student, targets) + beta * KL(p_teacher || p_student)."""
     alpha = cfg["alpha"] if alpha is None else alpha
     beta = cfg["beta"] if beta is None else beta
 
-    def loss_fn(model, gen):
-        x, y = mine(*data.batch(cfg["batch_size"], gen, pool))
+    def loss_fn(model, x, y):
         with torch.no_grad():
             t_logits, _ = teacher(x)
         s_logits, ce = model(x, y if alpha else None)  # alpha 0: no CE pass over the (b l, v) logits
@@ -329,7 +350,7 @@ def distill_loss(student, teacher, data, cfg, pool=None, alpha=None, beta=None):
     return loss_fn
 
 
-def align_loss(student, teacher, data, cfg, pool=None):
+def align_loss(student, teacher):
     """The alignment stage (MOHAWK's and LoLCATs' first stage; the paper has none): every Mamba layer of
     the student, all at once, learns to reproduce the output of the attention layer it replaces, from
     the same input, the teacher's own normalized hidden state at that layer, recomputed per batch by a
@@ -337,8 +358,7 @@ def align_loss(student, teacher, data, cfg, pool=None):
     mean square; averaged over the layers."""
     layers = [i for i in range(teacher.cfg.n_layer) if i not in student.cfg.attn_layers]
 
-    def loss_fn(model, gen):  # the student's mixers are called directly: one process only (resolve says so)
-        x, _ = data.batch(cfg["batch_size"], gen, pool)
+    def loss_fn(model, x, y):  # the student's mixers are called directly: one process only (resolve says so)
         seen = {}
         hooks = [teacher.layers[i].mixer.register_forward_hook(lambda m, args, out, i=i: seen.update({i: (args[0], out)}))
                  for i in layers]
@@ -377,8 +397,8 @@ def teacher_stage(cfg, data, mcfg):
           f"dropout {mcfg.dropout}")
     windows = data.val_windows(cfg["block_size"], cfg["eval_windows"])
 
-    def loss_fn(m, gen):
-        return m(*mine(*data.batch(cfg["batch_size"], gen)))[1]
+    def loss_fn(m, x, y):
+        return m(x, y)[1]
 
     train("teacher", model, cfg, data, cfg["teacher_steps"], cfg["lr"], loss_fn, list(model.parameters()),
           eval_fn=lambda m: evaluate(m, windows)[0], weight_decay=cfg["teacher_wd"])
@@ -402,10 +422,10 @@ def student_stage(cfg, data, teacher, name, attn_layers, prev=None, init="attent
         if save and (aligned := finished(cfg, data, name + "_aligned", expect)):
             model = aligned
         else:
-            train(name + "_aligned", model, cfg, data, align, cfg["distill_lr"],
-                  align_loss(model, teacher, data, cfg, pool), trainable(model, "mamba"), save=save)
+            train(name + "_aligned", model, cfg, data, align, cfg["distill_lr"], align_loss(model, teacher),
+                  trainable(model, "mamba"), save=save, pool=pool)
     train(name, model, cfg, data, steps or cfg["distill_steps"], cfg["distill_lr"],
-          distill_loss(model, teacher, data, cfg, pool, alpha, beta), trainable(model, freeze), save=save)
+          distill_loss(teacher, cfg, alpha, beta), trainable(model, freeze), save=save, pool=pool)
     return model
 
 
@@ -416,7 +436,7 @@ def finetune_stage(cfg, data, teacher, student, name, pool=None):
     model = mil.Model(student.cfg).to(data.device)
     model.load_state_dict(student.state_dict())
     lr = cfg["ft_lr"] or cfg["distill_lr"] / 3
-    train(name, model, cfg, data, cfg["ft_steps"], lr, distill_loss(model, teacher, data, cfg, pool), trainable(model, "all"))
+    train(name, model, cfg, data, cfg["ft_steps"], lr, distill_loss(teacher, cfg), trainable(model, "all"), pool=pool)
     return model
 
 
@@ -438,7 +458,7 @@ def draft_stage(cfg, data, teacher, pool, target=None, name="draft"):
     draft.load_state_dict(sd)
     target = (teacher if target is None else target).eval()
     train(name, draft, cfg, data, cfg["draft_steps"], cfg["distill_lr"],
-          distill_loss(draft, target, data, cfg, pool, alpha=0.0, beta=1.0), trainable(draft, "all"))
+          distill_loss(target, cfg, alpha=0.0, beta=1.0), trainable(draft, "all"), pool=pool)
     return draft
 
 
@@ -671,7 +691,7 @@ def bench_train(cfg, data, teacher):
     Mamba weights: speed depends only on the shapes); on a GPU, the scan kernels' share of the step."""
     teacher.requires_grad_(False).eval()
     student = mil.hybrid_from_teacher(teacher, mil.kept_attention(teacher.cfg.n_layer, 0.5), mixer=cfg["mixers"][0])
-    loss_fn, params = distill_loss(student, teacher, data, cfg), trainable(student, "mamba")
+    loss_fn, params = distill_loss(teacher, cfg), trainable(student, "mamba")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if data.device.type == "cuda" else nullcontext()
     backends = ["triton"] * (data.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") + ["ref"]
     try:
@@ -683,8 +703,9 @@ def bench_train(cfg, data, teacher):
     sync = torch.cuda.synchronize if data.device.type == "cuda" else lambda: None
 
     def step():
+        x, y = data.batch(cfg["batch_size"], gen)
         with autocast:
-            loss = loss_fn(student, gen)
+            loss = loss_fn(student, x, y)
         loss.backward()
         for p in params:
             p.grad = None

@@ -815,8 +815,7 @@ def test_alignment_loss_is_each_mamba_layers_error_against_its_attention_layer()
     teacher = trained_looking(mil.Model(small_config())).requires_grad_(False)
     student = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3))
     idx = torch.randint(0, 4096, (2, 16))
-    data = SimpleNamespace(batch=lambda batch_size, gen, pool: (idx, idx))
-    loss_fn = distill.align_loss(student, teacher, data, dict(batch_size=2))
+    loss_fn = distill.align_loss(student, teacher)
     x, rope = teacher.embed(idx), mil.rope_tables(teacher.inv_freq, torch.arange(16), torch.float32)
     errors = []
     for i, block in enumerate(teacher.layers):
@@ -825,13 +824,13 @@ def test_alignment_loss_is_each_mamba_layers_error_against_its_attention_layer()
             want = block.mixer(h, rope)
             errors.append(F.mse_loss(student.layers[i].mixer(h), want) / want.pow(2).mean())
         x = block(x, rope)
-    torch.testing.assert_close(loss_fn(student, None), sum(errors) / 2)
+    torch.testing.assert_close(loss_fn(student, idx, idx), sum(errors) / 2)
     params = distill.trainable(student, "mamba")
     before = {k: v.clone() for k, v in student.state_dict().items()}
     opt = torch.optim.Adam(params, lr=1e-3)
     losses = []
     for _ in range(20):
-        loss = loss_fn(student, None)
+        loss = loss_fn(student, idx, idx)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -888,6 +887,34 @@ def test_greedy_speculative_decoding_equals_plain_greedy(backend, mixer):
             assert torch.equal(spec, plain), f"K={k}, prompt {seed}"
             accepted, tested = accepted + stats["accepted"], tested + stats["tested"]
     assert 0 < accepted < tested  # both acceptance and rejection happened
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("stage", ["align", "distill"])
+def test_cuda_graph_training_matches_eager(stage, tmp_path):
+    """--graphs: training steps whose loss forward and backward replay as CUDA graphs log the eager
+    steps' losses and train the same weights, from the same start on the same (fresh) batches."""
+    kernels.BACKEND = "auto"
+    teacher = trained_looking(mil.Model(small_config())).cuda().requires_grad_(False).eval()
+    tokens = torch.randint(0, 4096, (4096,))
+    data = SimpleNamespace(device=torch.device("cuda"), batch=lambda b, gen, pool: (
+        lambda w: (w[:, :-1].cuda(), w[:, 1:].cuda()))(tokens[torch.randint(4000, (b, 1), generator=gen) + torch.arange(33)]))
+    cfg = dict(distill.DEFAULTS, out_dir=str(tmp_path), batch_size=4, block_size=32, warmup=2, log_every=100)
+    trained = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        student = mil.hybrid_from_teacher(teacher, attn_layers=(1, 3))
+        start = [p.detach().clone() for p in distill.trainable(student, "mamba")]
+        loss_fn = distill.align_loss(student, teacher) if stage == "align" else distill.distill_loss(teacher, cfg)
+        log = distill.train("s", student, dict(cfg, graphs=graphs), data, 6, 1e-3, loss_fn,
+                            distill.trainable(student, "mamba"), save=False)["log"]
+        trained.append((log, [p.detach() for p in distill.trainable(student, "mamba")]))
+    (eager_log, eager), (graph_log, graphed) = trained
+    assert len(set(eager_log)) == 6  # fresh batches: every step's loss differs
+    torch.testing.assert_close(graph_log, eager_log, rtol=1e-3, atol=1e-5)
+    moved = sum((e - s).norm() ** 2 for e, s in zip(eager, start)) ** 0.5
+    apart = sum((g - e).norm() ** 2 for g, e in zip(graphed, eager)) ** 0.5
+    assert moved > 0 and apart < 0.02 * moved, (apart, moved)
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
@@ -1117,7 +1144,7 @@ def test_resume_checkpoint_holds_what_trains_and_refuses_another_stages(tmp_path
     tokens = torch.randint(0, 4096, (2, 17))
     data = SimpleNamespace(device=torch.device("cpu"), batch=lambda b, gen, pool=None: (tokens[:, :-1], tokens[:, 1:]))
     cfg = dict(distill.DEFAULTS, out_dir=str(tmp_path), batch_size=2, warmup=1, stop_after=2)
-    train = lambda which: distill.train("s", student, cfg, data, 4, 1e-3, distill.distill_loss(student, teacher, data, cfg),
+    train = lambda which: distill.train("s", student, cfg, data, 4, 1e-3, distill.distill_loss(teacher, cfg),
                                         distill.trainable(student, which), save=False)
     with pytest.raises(SystemExit) as stop:
         train("mamba")
