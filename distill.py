@@ -45,7 +45,7 @@ PRESETS = {
                 teacher_wd=1.0, teacher_steps=1500, eval_every=50, lr=2e-3, distill_steps=300, distill_lr=1e-3,
                 ft_steps=100, draft_steps=2000, generations=4096, ablate_steps=100, eval_windows=236),
     "smollm2": dict(block_size=512, batch_size=16, eval_every=100, distill_steps=1200, later_steps=300,
-                    distill_lr=2e-3, ft_steps=100, draft_steps=2000, draft_layers=2, generations=8192,
+                    distill_lr=2e-3, ft_steps=100, ft_lr=2e-4, draft_steps=2000, draft_layers=2, generations=8192,
                     ablate_steps=200, eval_windows=128, attn_fractions="0.5,0.25", targets="mix", align_steps=600),
 }
 SUFFIX = {"mamba1": "", "mamba2": "_m2"}  # of a hybrid's checkpoint name, per mixer
@@ -77,7 +77,7 @@ DEFAULTS = dict(
     align_steps=0,  # before stage 1: each Mamba layer alone to its attention layer's output (not in the paper)
     later_steps=0,  # stage 1 of each later stepwise student, which starts from the one before (0: distill_steps)
     finetune=True,  # stage 2: end-to-end fine-tuning of every parameter
-    ft_lr=0.0,  # stage 2's peak learning rate (0: a third of distill_lr)
+    ft_lr=0.0,  # stage 2's peak learning rate (0: a third of distill_lr; smollm2 preset: 2e-4, where stage 2 helps)
     draft_layers=1,  # the speculative-decoding draft's layers, from the teacher's (0: no draft; smollm2 preset: 2)
     draft_teacher="teacher",  # whose distributions the draft learns: teacher | a hybrid of this run (attn50: the
     # target it drafts for) | both, comma-separated; checkpoint draft.pt, draft_attn50.pt (speculative.py --draft=)
