@@ -34,8 +34,8 @@ CHUNK = 32  # time steps per chunk: the forward saves the state at chunk starts 
 SSD_CHUNK = 64  # Mamba-2's chunked scans (ssd_chunked, the Triton SSD): time steps per chunk
 TILE = 8  # time steps the scan kernels load at once: 16 bytes of bf16 per channel
 FWD = {16: (256, 1), 64: (512, 2)}  # the forward's launch shapes by d_state, (states per warp, warps), and ...
-BWD = (128, 1)  # ... the backward's, for every d_state: chosen by `python kernels.py --sweep` (H200, 2026-12-03)
-PER_SM = 4  # forward programs per SM below which a program takes fewer channels (down to 8; the sweep sets 0)
+BWD = {16: (128, 1), 64: (128, 1)}  # ... the backward's: chosen by `python kernels.py --sweep` (H200, 2026-12-03)
+PER_SM = 4  # forward programs per SM below which a program takes fewer channels (down to 8)
 CHANNELS = 16  # channels per program at most ...
 WARPS = 1  # ... and warps per program, for the decode kernels
 PROGRAMS = 256  # ... which take fewer channels per program until they have this many (a step is latency)
@@ -1529,26 +1529,25 @@ def benchmark():
 
 
 def sweep(bench):
-    """The scan kernels' launch shapes, (states per warp, warps), timed on S1 and S2: the forward keeps
-    the best of each for its d_state (16, 64), the backward the best of their sum."""
-    global FWD, BWD, PER_SM
-    fwd, bwd, per_sm, PER_SM = {}, {}, PER_SM, 0
-    print("\n| states / warp | warps | S1 fwd us | S2 fwd us | S1 bwd us | S2 bwd us |\n| --- | --- | --- | --- | --- | --- |")
+    """The scan kernels' launch shapes, (states per warp, warps), timed on S1 (d_state 16) and on S2 and
+    the two shapes mil trains (64): forward and backward each keep, per d_state, the shape whose times
+    summed relative to each shape's best are least."""
+    global FWD, BWD
+    names, fwd, bwd = ("S1", "S2", "gpu preset 50%", "SmolLM2-135M"), {}, {}  # (states, warps) -> [us per shape]
+    print("\n| states / warp | warps | " + " | ".join(f"{k} fwd us | {k} bwd us" for k in names) + " |\n|" + " --- |" * 10)
     for shape in ((64, 1), (128, 1), (256, 1), (512, 1), (256, 2), (512, 2), (512, 4)):
         FWD = BWD = shape
-        cells = []
-        for b, di, n, g, L in ((8, 2048, 16, 1, 2048), (8, 2048, 64, 32, 2048)):
-            r = lambda *s: torch.randn(*s, device="cuda")
-            ins = dict(u=r(b, di, L).bfloat16(), delta=(0.5 * r(b, di, L)).bfloat16(), A=-torch.rand(di, n, device="cuda") - 0.5,
-                       B=r(b, g, n, L).bfloat16(), C=r(b, g, n, L).bfloat16(), D=r(di), z=r(b, di, L).bfloat16(), delta_bias=r(di))
-            leaves = {k: v.requires_grad_() for k, v in ins.items()}
-            y = selective_scan(**leaves, delta_softplus=True)
+        fwd[shape], bwd[shape] = [], []
+        for name in names:
+            ins = {k: v.requires_grad_() for k, v in scan_inputs(*SHAPES[name], "cuda").items()}
+            y = selective_scan(**ins, delta_softplus=True)
             dy = torch.randn_like(y)
-            cells += [bench(lambda: selective_scan(**leaves, delta_softplus=True)), bench(lambda: y.backward(dy, retain_graph=True))]
-        fwd[shape], bwd[shape] = (cells[0], cells[2]), cells[1] + cells[3]
-        print(f"| {shape[0]} | {shape[1]} | " + " | ".join(f"{cells[i] * 1e6:.0f}" for i in (0, 2, 1, 3)) + " |", flush=True)
-    FWD = {16: min(fwd, key=lambda s: fwd[s][0]), 64: min(fwd, key=lambda s: fwd[s][1])}
-    BWD, PER_SM = min(bwd, key=bwd.get), per_sm
+            fwd[shape].append(bench(lambda: selective_scan(**ins, delta_softplus=True)))
+            bwd[shape].append(bench(lambda: y.backward(dy, retain_graph=True)))
+        print(f"| {shape[0]} | {shape[1]} | " + " | ".join(f"{f * 1e6:.0f} | {b * 1e6:.0f}" for f, b in
+                                                          zip(fwd[shape], bwd[shape])) + " |", flush=True)
+    best = lambda times, cols: min(times, key=lambda s: sum(times[s][i] / min(t[i] for t in times.values()) for i in cols))
+    FWD, BWD = {16: best(fwd, [0]), 64: best(fwd, [1, 2, 3])}, {16: best(bwd, [0]), 64: best(bwd, [1, 2, 3])}
     print(f"the table below uses FWD = {FWD}, BWD = {BWD} (states per warp, warps)")
 
 
